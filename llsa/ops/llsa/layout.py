@@ -1,0 +1,81 @@
+"""Where every level lives in the kernels' flat buffers, computed once per (N, B, K, L, E)."""
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from llsa.ops.llsa.naive import level_sizes
+
+# Spans B^l are capped here; any span >= N behaves the same (one token covers everything).
+SPAN_CAP = 1 << 40
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes and offsets of levels ``0..L``.
+
+    Pooled levels ``1..L`` are stacked along the token axis of one ``(BH, n_pool, D)`` buffer, level ``l``
+    starting at row ``pool_off[l]``. Picks of levels ``1..L`` are stacked in one ``(BH, n_sel)`` int32 buffer,
+    level ``l`` at ``sel_off[l]`` as ``sizes[l] x widths[l]`` row-major. Entry 0 of each tuple is unused
+    (level 0 is the sequence itself).
+    """
+
+    n: int
+    block: int
+    topk: int
+    levels: int
+    enrich: int
+
+    @cached_property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(level_sizes(self.n, self.block, self.levels))
+
+    @cached_property
+    def widths(self) -> tuple[int, ...]:
+        return (0,) + tuple(min(self.topk, s) for s in self.sizes[1:])
+
+    @cached_property
+    def spans(self) -> tuple[int, ...]:
+        return tuple(min(self.block ** level, SPAN_CAP) for level in range(self.levels + 1))
+
+    @cached_property
+    def pool_off(self) -> tuple[int, ...]:
+        offs, acc = [0], 0
+        for s in self.sizes[1:]:
+            offs.append(acc)
+            acc += s
+        return tuple(offs)
+
+    @property
+    def n_pool(self) -> int:
+        return sum(self.sizes[1:])
+
+    @cached_property
+    def sel_off(self) -> tuple[int, ...]:
+        offs, acc = [0], 0
+        for s, w in zip(self.sizes[1:], self.widths[1:]):
+            offs.append(acc)
+            acc += s * w
+        return tuple(offs)
+
+    @property
+    def n_sel(self) -> int:
+        return sum(s * w for s, w in zip(self.sizes[1:], self.widths[1:]))
+
+    @property
+    def n_seg(self) -> int:
+        """Candidate segments: the fine tokens (segment 0) plus enriched levels ``1..min(E, L-1)``."""
+        return min(self.enrich, self.levels - 1) + 1
+
+    @property
+    def top(self) -> bool:
+        """Whether every query also sees every coarsest token."""
+        return self.enrich == self.levels
+
+    def meta(self, device) -> torch.Tensor:
+        """Per-level table read by the kernels (which hard-code its row width of 6):
+        ``[n_l, K_l, sel_off_l, pool_off_l, span_l, 0]``."""
+        rows = [[self.sizes[lv], self.widths[lv], self.sel_off[lv], self.pool_off[lv], self.spans[lv], 0]
+                for lv in range(self.levels + 1)]
+        return torch.tensor(rows, dtype=torch.int64, device=device)
+

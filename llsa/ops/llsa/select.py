@@ -1,0 +1,92 @@
+"""Hierarchical top-K selection: dense at the coarsest level, sparse (K*B candidates) below it.
+
+Picks are written in ascending index order, so the kernels and the reference agree element for element.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from llsa.ops.llsa.layout import Layout
+from llsa.ops.llsa.naive import _top_smallest_ties
+
+# Rows of the coarsest score matrix scored at once: bounds its memory when L is small and N large.
+TOP_CHUNK = 2048
+
+
+@triton.jit
+def select_kernel(PQ, PK, SEL, n_l, k_up, k_out, sel_off_l, sel_off_up, pool_off_l, stride_p, stride_s,
+                  B: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, KUP: tl.constexpr):
+    """One program per level-(l+1) parent: its B children (sibling query tokens) share the K*B candidates."""
+    i_up, i_bh = tl.program_id(0), tl.program_id(1)
+    i_up = i_up.to(tl.int64)
+    p_pq = PQ + i_bh.to(tl.int64) * stride_p
+    p_pk = PK + i_bh.to(tl.int64) * stride_p
+    p_sel = SEL + i_bh.to(tl.int64) * stride_s
+    o_s = tl.arange(0, B)
+    o_q = i_up * B + o_s
+    m_q = o_q < n_l
+    o_c = tl.arange(0, KUP * B)
+    o_slot = o_c // B
+    m_slot = o_slot < k_up
+    b_up = tl.load(p_sel + sel_off_up + i_up * k_up + o_slot, mask=m_slot, other=0).to(tl.int64)
+    # [KUP*B] candidate indices at level l, ascending
+    b_cand = b_up * B + o_c % B
+    m_c = m_slot & (b_cand < n_l)
+    # [B, KUP*B]
+    b_s = tl.zeros([B, KUP * B], dtype=tl.float32)
+    for i_d in tl.static_range(0, D, DC):
+        o_d = i_d + tl.arange(0, DC)
+        # [B, DC]
+        b_q = tl.load(p_pq + (pool_off_l + o_q)[:, None] * D + o_d[None, :], mask=m_q[:, None], other=0.)
+        # [KUP*B, DC]
+        b_k = tl.load(p_pk + (pool_off_l + b_cand)[:, None] * D + o_d[None, :], mask=m_c[:, None], other=0.)
+        b_s += tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+    b_s = tl.where(m_c[None, :], b_s, float("-inf"))
+    big = 1 << 62
+    b_key = tl.where(m_c, b_cand, big)
+    b_chosen = tl.zeros([B, KUP * B], dtype=tl.int32)
+    for _ in range(k_out):
+        b_max = tl.max(b_s, axis=1)
+        # ties go to the smaller index
+        b_idx = tl.min(tl.where(b_s == b_max[:, None], b_key[None, :], big), axis=1)
+        b_hit = b_key[None, :] == b_idx[:, None]
+        b_chosen = tl.where(b_hit, 1, b_chosen)
+        b_s = tl.where(b_hit, float("-inf"), b_s)
+    # candidates are ascending, so the chosen ones in candidate order are the ascending pick list
+    b_pos = tl.cumsum(b_chosen, axis=1) - 1
+    p_out = p_sel + sel_off_l + o_q[:, None] * k_out + b_pos
+    tl.store(p_out, b_cand[None, :].to(tl.int32) + tl.zeros([B, KUP * B], dtype=tl.int32),
+             mask=(b_chosen > 0) & m_q[:, None])
+
+
+def select(pooled: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """Picks of every level from float32 pooled (3, BH, n_pool, D); returns int32 (BH, n_sel)."""
+    _, bh, _, d = pooled.shape
+    pq, pk = pooled[0], pooled[1]
+    sel = torch.full((bh, lay.n_sel), -1, dtype=torch.int32, device=pooled.device)
+    top = lay.levels
+    n_top, off = lay.sizes[top], lay.pool_off[top]
+    q_top, k_top = pq[:, off:off + n_top], pk[:, off:off + n_top]
+    cand = torch.arange(n_top, device=pooled.device)
+    picks = []
+    for start in range(0, n_top, TOP_CHUNK):
+        scores = q_top[:, start:start + TOP_CHUNK] @ k_top.transpose(-1, -2)
+        picks.append(_top_smallest_ties(scores, cand.expand_as(scores), lay.widths[top]))
+    s0 = lay.sel_off[top]
+    sel[:, s0:s0 + n_top * lay.widths[top]] = torch.cat(picks, dim=1).flatten(1).to(torch.int32)
+    for level in range(top - 1, 0, -1):
+        k_up = lay.widths[level + 1]
+        grid = (lay.sizes[level + 1], bh)
+        select_kernel[grid](pq, pk, sel, lay.sizes[level], k_up, lay.widths[level], lay.sel_off[level],
+                            lay.sel_off[level + 1], lay.pool_off[level], lay.n_pool * d, lay.n_sel,
+                            B=lay.block, D=d, DC=min(d, 32), KUP=triton.next_power_of_2(k_up), num_warps=4)
+    return sel
+
+
+def unpack_sel(sel: torch.Tensor, lay: Layout, shape: tuple[int, int]) -> list[torch.Tensor]:
+    """The flat pick buffer as ``hierarchical_topk``'s list of (b, h, n_l, K_l) int64 tensors."""
+    out = []
+    for level in range(1, lay.levels + 1):
+        o, n, w = lay.sel_off[level], lay.sizes[level], lay.widths[level]
+        out.append(sel[:, o:o + n * w].view(*shape, n, w).long())
+    return out
