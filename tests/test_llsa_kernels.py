@@ -1,0 +1,163 @@
+"""LLSA Triton kernels against the reference backend.
+
+On a CPU machine these run under TRITON_INTERPRET=1 (set by conftest) on tiny shapes: a few programs each.
+With a GPU they run the compiled kernels on the same shapes.
+"""
+import pytest
+import torch
+
+from llsa import llsa_attention
+from llsa.ops.llsa.interface import hierarchical_topk_triton, llsa_attention_triton
+from llsa.ops.llsa.layout import Layout
+from llsa.ops.llsa.naive import hierarchical_topk, llsa_attention_torch
+from llsa.ops.llsa.transpose import transpose_level
+
+# (N, block, topk, levels, enrich, reweight): N off the block grid, levels 1-3, every enrichment depth,
+# reweight off, and topk above the candidate count (40 tokens hold only 3 blocks).
+CASES = [
+    (100, 16, 2, 1, 1, True),
+    (300, 16, 3, 2, 2, True),
+    (300, 16, 3, 2, 1, False),
+    (300, 16, 3, 2, 0, True),
+    (700, 16, 2, 3, 3, True),
+    (700, 16, 2, 3, 2, True),
+    (40, 16, 8, 2, 2, True),
+    (200, 32, 2, 1, 0, True),
+]
+
+
+def _inputs(n, d, dtype, device, shape=(1, 2), scale=1.0):
+    return [(torch.randn(*shape, n, d, device=device) * scale).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def _tol(dtype):
+    return 2e-5 if dtype == torch.float32 else 2e-2
+
+
+def _check(n, block, topk, levels, enrich, reweight, dtype, device, d=16, inputs=None):
+    q, k, v = inputs or _inputs(n, d, dtype, device)
+    args = dict(block_size=block, topk=topk, levels=levels, enrich_levels=enrich, reweight=reweight,
+                scale=d ** -0.5)
+    sel = hierarchical_topk(q.detach().float(), k.detach().float(), block_size=block, topk=topk, levels=levels)
+    o, lse = llsa_attention_triton(q, k, v, return_lse=True, **args)
+    # the reference runs in float32 on the kernels' picks, so low-precision runs compare like with like
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ro, rlse = llsa_attention_torch(q32, k32, v32, sel=sel, return_lse=True, **args)
+    do = torch.randn_like(ro)
+    grads = torch.autograd.grad(o, (q, k, v), do.to(dtype))
+    rgrads = torch.autograd.grad(ro, (q32, k32, v32), do)
+    tol = _tol(dtype)
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(o.float(), ro, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, rlse, atol=tol, rtol=tol)
+    for name, g, rg in zip("qkv", grads, rgrads):
+        assert not torch.isnan(g).any(), f"d{name} has unwritten (NaN) elements"
+        torch.testing.assert_close(g.float(), rg, atol=tol * 5, rtol=tol * 5, msg=f"d{name} mismatch")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}-B{}-K{}-L{}-E{}-rw{}".format(*c))
+def test_kernels_match_reference_fp32(case, device):
+    torch.manual_seed(sum(case[:5]))
+    _check(*case, torch.float32, device)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=["L2", "L3"])
+def test_kernels_match_reference_fp16(case, device):
+    torch.manual_seed(7)
+    _check(*case, torch.float16, device, d=32)
+
+
+def test_selection_matches_reference(device):
+    torch.manual_seed(3)
+    for n, block, topk, levels in [(300, 16, 3, 2), (700, 16, 2, 3), (40, 16, 8, 2), (1000, 16, 4, 1)]:
+        q, k = torch.randn(2, 1, n, 16, device=device), torch.randn(2, 1, n, 16, device=device)
+        got = hierarchical_topk_triton(q, k, block_size=block, topk=topk, levels=levels)
+        want = hierarchical_topk(q, k, block_size=block, topk=topk, levels=levels)
+        for g, w in zip(got, want):
+            assert torch.equal(g.cpu(), w.cpu())
+
+
+def test_many_queries_pick_one_key_block(device):
+    """Every query block picks block 3 (its keys align with every query), stressing the key-major lists."""
+    torch.manual_seed(11)
+    n, d = 300, 16
+    q, k, v = (x.detach() for x in _inputs(n, d, torch.float32, device))
+    direction = torch.randn(d, device=device)
+    q = q + 3 * direction
+    k[..., 48:64, :] += 3 * direction
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    sel = hierarchical_topk(q, k, block_size=16, topk=2, levels=2)[0]
+    assert bool((sel == 3).any(-1).all()), "construction failed: not every block picked block 3"
+    _check(n, 16, 2, 2, 2, True, torch.float32, device, inputs=inputs)
+
+
+def test_transposed_lists_invert_the_picks(device):
+    torch.manual_seed(5)
+    lay = Layout(700, 16, 3, 2, 2)
+    q, k = torch.randn(1, 2, 700, 16, device=device), torch.randn(1, 2, 700, 16, device=device)
+    picks = hierarchical_topk(q, k, block_size=16, topk=3, levels=2)
+    sel = torch.cat([p.flatten(2) for p in picks], dim=-1).flatten(0, 1).to(torch.int32)
+    for level in (1, 2):
+        n, w = lay.sizes[level], lay.widths[level]
+        for det in (False, True):
+            rowptr, idx = transpose_level(sel, lay.sel_off[level], n, w, deterministic=det)
+            assert (idx >= 0).all(), "unfilled slot in the key-major list"
+            for b in range(sel.shape[0]):
+                p = picks[level - 1].flatten(0, 1)[b].cpu()
+                for u in range(n):
+                    got = idx[b, rowptr[b, u]:rowptr[b, u + 1]].cpu().long()
+                    want = (p == u).any(-1).nonzero().flatten()
+                    got = got if det else got.sort().values
+                    assert torch.equal(got, want), (level, det, b, u)
+
+
+def test_deterministic_gradients_are_bitwise_reproducible(device):
+    torch.manual_seed(9)
+    q, k, v = _inputs(300, 16, torch.float32, device)
+    args = dict(block_size=16, topk=3, levels=2, enrich_levels=2, reweight=True, scale=0.25, deterministic=True)
+    runs = []
+    for _ in range(2):
+        o = llsa_attention_triton(q, k, v, **args)
+        runs.append(torch.autograd.grad(o.sum(), (q, k, v)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_public_api_routes_to_kernels(device):
+    torch.manual_seed(2)
+    q, k, v = (x.detach() for x in _inputs(64, 16, torch.float32, device))
+    o = llsa_attention(q, k, v, topk=2, levels=1, backend="triton")
+    ref = llsa_attention(q, k, v, topk=2, levels=1, backend="torch")
+    torch.testing.assert_close(o, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_noncontiguous_inputs(device):
+    torch.manual_seed(4)
+    x = torch.randn(3, 1, 100, 2, 16, device=device)
+    q, k, v = (x[i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    o = llsa_attention(q, k, v, topk=2, levels=1, backend="triton")
+    ref = llsa_attention(q.contiguous(), k.contiguous(), v.contiguous(), topk=2, levels=1, backend="torch")
+    torch.testing.assert_close(o, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(block_size=4), "power of two"), (dict(d=24), "head dim")])
+def test_launcher_rejects_what_kernels_cannot_do(bad, match, device):
+    q = torch.randn(1, 1, 64, bad.get("d", 16), device=device)
+    with pytest.raises(ValueError, match=match):
+        llsa_attention(q, q, q, block_size=bad.get("block_size", 16), backend="triton")
+
+
+def test_torch_compile_traces_without_graph_breaks(device):
+    """The custom ops keep the graph whole: fullgraph=True raises on any break."""
+    torch.manual_seed(6)
+    q, k, v = _inputs(64, 16, torch.float32, device)
+
+    def f(q, k, v):
+        return llsa_attention(q * 2, k, v, topk=2, levels=1, backend="triton").sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    out.backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    torch.testing.assert_close(out, f(q, k, v), atol=1e-5, rtol=1e-5)
