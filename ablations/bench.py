@@ -1,0 +1,264 @@
+"""Kernel benchmark: LLSA (and the sparse baselines) against SDPA's flash backend, in one process.
+
+``python run.py bench`` or ``python -m ablations.bench``. Times forward and forward+backward with
+``triton.testing.do_bench`` medians, prints a table, writes ``bench.csv`` and ``bench.png``. A method is
+timed only after it passes a correctness check against its plain-PyTorch reference at that shape
+(flash-attention rule: error <= 2x the reference's own low-precision error + a floor).
+"""
+import argparse
+import csv
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Sizes the correctness check runs at: large enough to exercise every level, small enough for the
+# float32 reference to fit beside the benchmark tensors.
+CHECK_MAX_N = 65536
+
+
+@dataclass
+class Method:
+    """How to run, check and count one attention method."""
+
+    name: str
+    run: Callable  # (q, k, v) -> o
+    reference: Callable | None  # (q, k, v) -> o, plain PyTorch, same picks where selection matters
+    keys_per_query: Callable  # n -> attended keys per query (executed work)
+
+
+def sdpa(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = SDPBackend.FLASH_ATTENTION if q.is_cuda else SDPBackend.MATH
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def llsa_method(block, topk, levels_for) -> Method:
+    from llsa.ops.llsa.interface import hierarchical_topk_triton, llsa_attention_triton
+    from llsa.ops.llsa.naive import keys_per_query, llsa_attention_torch
+
+    def args(n, d):
+        lv = levels_for(n)
+        return dict(block_size=block, topk=topk, levels=lv, enrich_levels=lv, reweight=True, scale=d ** -0.5)
+
+    def run(q, k, v):
+        return llsa_attention_triton(q, k, v, **args(q.shape[-2], q.shape[-1]))
+
+    def reference(q, k, v):
+        a = args(q.shape[-2], q.shape[-1])
+        sel = hierarchical_topk_triton(q.detach(), k.detach(), block_size=block, topk=topk, levels=a["levels"])
+        return llsa_attention_torch(q, k, v, sel=sel, **a)
+
+    def kpq(n):
+        lv = levels_for(n)
+        return keys_per_query(n, block, topk, lv, lv)
+
+    return Method("llsa", run, reference, kpq)
+
+
+def baseline_methods(block: int, topk_for: Callable) -> list[Method]:
+    """VSA and SLA at LLSA's key budget, where their kernels are installed."""
+    out = []
+    try:
+        from llsa.ops.vsa import vsa_attention
+        from llsa.ops.sla import sla_attention
+    except ImportError:
+        return out
+
+    def vsa(backend):
+        def f(q, k, v):
+            gate = torch.zeros(q.shape[0], q.shape[1], q.shape[2], q.shape[3], device=q.device, dtype=q.dtype)
+            return vsa_attention(q, k, v, gate, block_size=block, topk=topk_for(q.shape[-2]), backend=backend)
+        return f
+
+    def sla(backend):
+        def f(q, k, v):
+            w = torch.zeros(q.shape[-1], q.shape[-1], device=q.device)
+            b = torch.zeros(q.shape[-1], device=q.device)
+            return sla_attention(q, k, v, w, b, block_size=block, topk=topk_for(q.shape[-2]),
+                                 feature_map="softmax", backend=backend)
+        return f
+
+    out.append(Method("vsa", vsa("triton"), vsa("torch"), lambda n: topk_for(n) * block + math.ceil(n / block)))
+    out.append(Method("sla", sla("triton"), sla("torch"), lambda n: topk_for(n) * block))
+    return out
+
+
+def check(method: Method, n: int, b: int, h: int, d: int, dtype) -> str | None:
+    """None if the method passes the flash-attention rule at (min(N, CHECK_MAX_N)), else the failure."""
+    if method.reference is None:
+        return None
+    n = min(n, CHECK_MAX_N)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n, d, device="cuda", dtype=dtype).requires_grad_() for _ in range(3))
+    o = method.run(q, k, v)
+    do = torch.randn_like(o)
+    g = torch.autograd.grad(o, (q, k, v), do)
+    x32 = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref = method.reference(*x32)
+    g_ref = torch.autograd.grad(ref, x32, do.float())
+    xl = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    low = method.reference(*xl)
+    g_low = torch.autograd.grad(low, xl, do)
+    for name, a, r, lo in [("o", o, ref, low)] + list(zip(("dq", "dk", "dv"), g, g_ref, g_low)):
+        err = (a.float() - r).abs().max().item()
+        bound = 2 * (lo.float() - r).abs().max().item() + 1e-3 * r.abs().max().item() + 1e-6
+        if not math.isfinite(err) or err > bound:
+            return f"{name}: error {err:.3e} > bound {bound:.3e}"
+    return None
+
+
+def time_method(fn, q, k, v, do) -> tuple[float, float]:
+    from triton.testing import do_bench
+
+    fwd = do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
+
+    def step():
+        fn(q, k, v).backward(do)
+
+    both = do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
+    return fwd, both
+
+
+def device_line() -> str:
+    import triton
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return f"{name}, torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}"
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="run.py bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536, 262144], help="sequence lengths")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--block", type=int, default=16)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--levels", type=int, default=None, help="LLSA levels (default: the spec's rule per N)")
+    p.add_argument("--methods", nargs="+", default=["llsa", "vsa", "sla"],
+                   help="sparse methods to time beside SDPA (llsa, vsa, sla)")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.csv and bench.png")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if not torch.cuda.is_available():
+        print("bench: needs a CUDA GPU (the kernels are timed against FlashAttention)", file=sys.stderr)
+        return 2
+    from llsa.ops.llsa.naive import default_levels
+
+    dtype = DTYPES[args.dtype]
+    b, h, d = args.batch, args.heads, args.dim
+
+    def levels_for(n):
+        return args.levels or default_levels(n, args.block)
+
+    def topk_for(n):
+        from llsa.attention.budget import matched_topk
+
+        lv = levels_for(n)
+        return matched_topk(n, block_size=args.block, topk=args.topk, levels=lv, enrich_levels=lv)
+
+    methods = [llsa_method(args.block, args.topk, levels_for)]
+    if {"vsa", "sla"} & set(args.methods):
+        methods += baseline_methods(args.block, topk_for)
+    methods = [m for m in methods if m.name in args.methods]
+    print(device_line())
+    print(f"B={b} H={h} D={d} {args.dtype} block={args.block} topk={args.topk}")
+    rows = []
+    for n in args.n:
+        torch.manual_seed(n)
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype).requires_grad_() for _ in range(3))
+        do = torch.randn_like(q)
+        dense = 4 * b * h * n * n * d
+        t_fwd, t_both = time_method(sdpa, q, k, v, do)
+        rows.append(dict(n=n, method="sdpa", levels="", keys=n, fwd_ms=t_fwd, fwdbwd_ms=t_both,
+                         fwd_speedup=1.0, fwdbwd_speedup=1.0, fwd_tflops_exec=dense / t_fwd / 1e9,
+                         fwd_tflops_dense=dense / t_fwd / 1e9,
+                         fwdbwd_tflops_exec=3.5 * dense / t_both / 1e9,
+                         fwdbwd_tflops_dense=3.5 * dense / t_both / 1e9))
+        sdpa_fwd, sdpa_both = t_fwd, t_both
+        for m in methods:
+            failure = check(m, n, b, h, d, dtype)
+            if failure is not None:
+                print(f"bench: {m.name} at N={n} FAILED its correctness check ({failure}); not timed")
+                rows.append(dict(n=n, method=m.name, levels="", keys="", fwd_ms="failed", fwdbwd_ms="failed"))
+                continue
+            t_fwd, t_both = time_method(m.run, q, k, v, do)
+            keys = m.keys_per_query(n)
+            executed = 4 * b * h * n * keys * d
+            rows.append(dict(n=n, method=m.name, levels=levels_for(n) if m.name == "llsa" else "", keys=keys,
+                             fwd_ms=t_fwd, fwdbwd_ms=t_both, fwd_speedup=sdpa_fwd / t_fwd,
+                             fwdbwd_speedup=sdpa_both / t_both, fwd_tflops_exec=executed / t_fwd / 1e9,
+                             fwd_tflops_dense=dense / t_fwd / 1e9,
+                             fwdbwd_tflops_exec=3.5 * executed / t_both / 1e9,
+                             fwdbwd_tflops_dense=3.5 * dense / t_both / 1e9))
+        del q, k, v, do
+        torch.cuda.empty_cache()
+    write_outputs(rows, args.out, f"{device_line()} | B={b} H={h} D={d} {args.dtype}")
+    return 0
+
+
+def _fmt(x):
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def write_outputs(rows, out, title):
+    os.makedirs(out, exist_ok=True)
+    cols = ["n", "method", "levels", "keys", "fwd_ms", "fwdbwd_ms", "fwd_speedup", "fwdbwd_speedup",
+            "fwd_tflops_exec", "fwd_tflops_dense", "fwdbwd_tflops_exec", "fwdbwd_tflops_dense"]
+    with open(os.path.join(out, "bench.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in cols})
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    plot(rows, os.path.join(out, "bench.png"), title)
+    print(f"wrote {out}/bench.csv and {out}/bench.png")
+
+
+def plot(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = [r for r in rows if r["method"] == method and isinstance(r.get("fwd_ms"), float)]
+        if not pts:
+            continue
+        ns = [r["n"] for r in pts]
+        axes[0].plot(ns, [r["fwd_ms"] for r in pts], "o-", label=f"{method} fwd")
+        axes[0].plot(ns, [r["fwdbwd_ms"] for r in pts], "s--", label=f"{method} fwd+bwd")
+        if method != "sdpa":
+            axes[1].plot(ns, [r["fwd_speedup"] for r in pts], "o-", label=f"{method} fwd")
+            axes[1].plot(ns, [r["fwdbwd_speedup"] for r in pts], "s--", label=f"{method} fwd+bwd")
+    for ax, ylabel in zip(axes, ["time (ms)", "speed-up over SDPA (flash)"]):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
