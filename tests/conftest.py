@@ -7,6 +7,8 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernel outputs start as NaN under test, so an element no program writes cannot pass.
+os.environ.setdefault("LLSA_POISON", "1")
 
 import pytest  # noqa: E402
 

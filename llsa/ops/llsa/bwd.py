@@ -12,12 +12,25 @@ from llsa.ops.llsa.fwd import _log2_weight
 
 
 @triton.jit
-def _kv_queries(b_k, b_v, b_bias, b_dk, b_dv, Q, DO, LSE, DELTA, i_bh, N, q_start, q_end, o_d, qk_scale,
-                D: tl.constexpr, BMQ: tl.constexpr, PREC: tl.constexpr):
-    """Accumulate dk, dv of one key block over the queries ``q_start .. q_end``."""
-    for i_q in range(q_start, q_end, BMQ):
-        o_q = i_q + tl.arange(0, BMQ).to(tl.int64)
-        m_q = o_q < q_end
+def _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, p_idx, first, count, span_q, i_bh, N, o_d,
+                qk_scale, D: tl.constexpr, BMQ: tl.constexpr, GATHER: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate dk^T, dv^T ([D, BK]) of one key tile over ``count * span_q`` query rows.
+
+    With ``GATHER`` the rows are the ``span_q`` queries under each of ``count`` listed ancestors
+    ``p_idx[first : first + count]``, packed BMQ rows per step (four 16-query blocks at the fine level), so
+    each product has 64 rows; otherwise they are the contiguous rows ``first .. first + count``.
+    Accumulating transposed keeps the channel dim D as the row dim of the dk/dv products.
+    """
+    total = count * span_q
+    for i_v in range(0, total, BMQ):
+        o_v = i_v + tl.arange(0, BMQ).to(tl.int64)
+        m_v = o_v < total
+        if GATHER:
+            b_a = tl.load(p_idx + first + o_v // span_q, mask=m_v, other=0).to(tl.int64)
+            o_q = b_a * span_q + o_v % span_q
+        else:
+            o_q = first + o_v
+        m_q = m_v & (o_q < N)
         p_qd = i_bh * N * D + o_q[:, None] * D + o_d[None, :]
         # [BMQ, D]
         b_q = tl.load(Q + p_qd, mask=m_q[:, None], other=0.)
@@ -25,14 +38,15 @@ def _kv_queries(b_k, b_v, b_bias, b_dk, b_dv, Q, DO, LSE, DELTA, i_bh, N, q_star
         # [BMQ]
         b_lse2 = tl.load(LSE + i_bh * N + o_q, mask=m_q, other=0.) * 1.4426950408889634
         b_delta = tl.load(DELTA + i_bh * N + o_q, mask=m_q, other=0.)
-        # [BK, BMQ]
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale + b_bias[:, None]
-        b_pt = tl.where(m_q[None, :], tl.math.exp2(b_st - b_lse2[None, :]), 0.)
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
-    return b_dk, b_dv
+        # [BMQ, BK]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale + b_bias[None, :]
+        b_p = tl.where(m_q[:, None], tl.math.exp2(b_s - b_lse2[:, None]), 0.)
+        # [D, BK]
+        b_dvt += tl.dot(tl.trans(b_do), b_p.to(b_do.dtype), input_precision=PREC)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dkt += tl.dot(tl.trans(b_q), b_ds.to(b_q.dtype), input_precision=PREC)
+    return b_dkt, b_dvt
 
 
 @triton.jit
@@ -52,36 +66,33 @@ def llsa_kv_kernel(Q, K, V, PK, PV, DO, LSE, DELTA, META, ROWPTR, IDX, DK, DV, D
     off_l = tl.load(META + lv * 6 + 3)
     span_l = tl.load(META + lv * 6 + 4)
     n_up = tl.load(META + (lv + 1) * 6 + 0)
+    w_up = tl.load(META + (lv + 1) * 6 + 1)
     span_q = tl.load(META + (lv + 1) * 6 + 4)
     o_d = tl.arange(0, D)
     o_r = i_u * B + tl.arange(0, B)
     m_r = o_r < n_l
     if FINE:
-        p_kd = i_bh * N * D + o_r[:, None] * D + o_d[None, :]
-        p_k = K + p_kd
-        p_v = V + p_kd
+        o_kr = i_bh * N + o_r
+        b_k = tl.load(K + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+        b_v = tl.load(V + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
     else:
-        p_kd = (i_bh * n_pool + off_l + o_r)[:, None] * D + o_d[None, :]
-        p_k = PK + p_kd
-        p_v = PV + p_kd
-    # [B, D]
-    b_k = tl.load(p_k, mask=m_r[:, None], other=0.)
-    b_v = tl.load(p_v, mask=m_r[:, None], other=0.)
+        o_kr = i_bh * n_pool + off_l + o_r
+        # [B, D]
+        b_k = tl.load(PK + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+        b_v = tl.load(PV + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
     b_bias = _log2_weight(o_r, m_r, span_l, N, REWEIGHT)
-    b_dk = tl.zeros([B, D], dtype=tl.float32)
-    b_dv = tl.zeros([B, D], dtype=tl.float32)
+    # [D, B]
+    b_dkt = tl.zeros([D, B], dtype=tl.float32)
+    b_dvt = tl.zeros([D, B], dtype=tl.float32)
     p_ptr = ROWPTR + i_bh * (n_up + 1) + i_u
-    start = tl.load(p_ptr)
-    end = tl.load(p_ptr + 1)
-    p_idx = IDX + i_bh * n_up * tl.load(META + (lv + 1) * 6 + 1)
-    for i_e in range(start, end):
-        i_a = tl.load(p_idx + i_e).to(tl.int64)
-        q_start = i_a * span_q
-        q_end = tl.minimum(q_start + span_q, N)
-        b_dk, b_dv = _kv_queries(b_k, b_v, b_bias, b_dk, b_dv, Q, DO, LSE, DELTA, i_bh, N, q_start, q_end,
-                                 o_d, qk_scale, D, BMQ, PREC)
-    scale = qk_scale * 0.6931471805599453
-    b_dk = b_dk * scale
+    first = tl.load(p_ptr)
+    count = tl.load(p_ptr + 1) - first
+    b_dkt, b_dvt = _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, IDX + i_bh * n_up * w_up,
+                               first, count, span_q, i_bh, N, o_d, qk_scale, D, BMQ, True, PREC)
+    b_dkt = b_dkt * (qk_scale * 0.6931471805599453)
+    # [D, B] transposed addresses of the B key rows
+    p_t = o_kr[None, :] * D + o_d[:, None]
+    m_t = m_r[None, :]
     if FINE:
         if POOLED:
             for lp in range(1, levels + 1):
@@ -89,14 +100,14 @@ def llsa_kv_kernel(Q, K, V, PK, PV, DO, LSE, DELTA, META, ROWPTR, IDX, DK, DV, D
                 span_p = tl.load(META + lp * 6 + 4)
                 o_a = o_r // span_p
                 b_inv = 1.0 / (tl.minimum((o_a + 1) * span_p, N) - o_a * span_p).to(tl.float32)
-                p_pd = (i_bh * n_pool + off_p + o_a)[:, None] * D + o_d[None, :]
-                b_dk += tl.load(DPK + p_pd, mask=m_r[:, None], other=0.) * b_inv[:, None]
-                b_dv += tl.load(DPV + p_pd, mask=m_r[:, None], other=0.) * b_inv[:, None]
-        tl.store(DK + p_kd, b_dk.to(DK.dtype.element_ty), mask=m_r[:, None])
-        tl.store(DV + p_kd, b_dv.to(DV.dtype.element_ty), mask=m_r[:, None])
+                p_pt = (i_bh * n_pool + off_p + o_a)[None, :] * D + o_d[:, None]
+                b_dkt += tl.load(DPK + p_pt, mask=m_t, other=0.) * b_inv[None, :]
+                b_dvt += tl.load(DPV + p_pt, mask=m_t, other=0.) * b_inv[None, :]
+        tl.store(DK + p_t, b_dkt.to(DK.dtype.element_ty), mask=m_t)
+        tl.store(DV + p_t, b_dvt.to(DV.dtype.element_ty), mask=m_t)
     else:
-        tl.store(DPK + p_kd, b_dk, mask=m_r[:, None])
-        tl.store(DPV + p_kd, b_dv, mask=m_r[:, None])
+        tl.store(DPK + p_t, b_dkt, mask=m_t)
+        tl.store(DPV + p_t, b_dvt, mask=m_t)
 
 
 @triton.jit
@@ -113,18 +124,19 @@ def llsa_top_kv_kernel(Q, PK, PV, DO, LSE, DELTA, META, PDK, PDV, N, n_pool, lev
     o_d = tl.arange(0, D)
     o_r = i_t.to(tl.int64) * BK + tl.arange(0, BK)
     m_r = o_r < n_t
-    p_kd = (i_bh * n_pool + off_t + o_r)[:, None] * D + o_d[None, :]
+    o_kr = i_bh * n_pool + off_t + o_r
     # [BK, D]
-    b_k = tl.load(PK + p_kd, mask=m_r[:, None], other=0.)
-    b_v = tl.load(PV + p_kd, mask=m_r[:, None], other=0.)
+    b_k = tl.load(PK + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+    b_v = tl.load(PV + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
     b_bias = _log2_weight(o_r, m_r, span_t, N, REWEIGHT)
-    b_dk = tl.zeros([BK, D], dtype=tl.float32)
-    b_dv = tl.zeros([BK, D], dtype=tl.float32)
-    q_start = i_c.to(tl.int64) * chunk
-    q_end = tl.minimum(q_start + chunk, N)
-    b_dk, b_dv = _kv_queries(b_k, b_v, b_bias, b_dk, b_dv, Q, DO, LSE, DELTA, i_bh, N, q_start, q_end, o_d,
-                             qk_scale, D, BMQ, PREC)
-    b_dk = b_dk * (qk_scale * 0.6931471805599453)
-    p_out = ((i_c * n_bh + i_bh) * n_t + o_r)[:, None] * D + o_d[None, :]
-    tl.store(PDK + p_out, b_dk, mask=m_r[:, None])
-    tl.store(PDV + p_out, b_dv, mask=m_r[:, None])
+    # [D, BK]
+    b_dkt = tl.zeros([D, BK], dtype=tl.float32)
+    b_dvt = tl.zeros([D, BK], dtype=tl.float32)
+    first = i_c.to(tl.int64) * chunk
+    count = tl.minimum(first + chunk, N) - first
+    b_dkt, b_dvt = _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, LSE, first, count, 1, i_bh, N,
+                               o_d, qk_scale, D, BMQ, False, PREC)
+    b_dkt = b_dkt * (qk_scale * 0.6931471805599453)
+    p_t = ((i_c * n_bh + i_bh) * n_t + o_r)[None, :] * D + o_d[:, None]
+    tl.store(PDK + p_t, b_dkt, mask=m_r[None, :])
+    tl.store(PDV + p_t, b_dvt, mask=m_r[None, :])

@@ -34,59 +34,111 @@ def _log2_weight(o_row, m_row, span, n, REWEIGHT: tl.constexpr):
 
 
 @triton.jit
+def _bq(x, SWAP: tl.constexpr):
+    """A per-query vector broadcast against a query tile: [BM] -> [BM, 1], or [1, BM] when swapped."""
+    if SWAP:
+        return x[None, :]
+    else:
+        return x[:, None]
+
+
+@triton.jit
 def _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_acc, b_m, b_l, qk_scale,
-            D: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr):
+            D: tl.constexpr, BWD: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr):
+    """One key tile of the online softmax (or of dq). With ``SWAP`` the query tiles are transposed,
+    [D, BM], so every product has the BN keys or the D channels as its row dimension: Hopper's wgmma
+    needs 64 rows, which a 16-query block alone cannot give."""
     # [BN, D]
     b_k = tl.load(p_k + o_row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
     b_v = tl.load(p_v + o_row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
-    # [BM, BN]
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale + b_bias[None, :]
-    if BWD:
-        b_p = tl.math.exp2(b_s - b_lse2[:, None])
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    if SWAP:
+        # [BN, BM]
+        b_s = tl.dot(b_k, b_q, input_precision=PREC) * qk_scale + b_bias[:, None]
+        if BWD:
+            b_p = tl.math.exp2(b_s - b_lse2[None, :])
+            b_dp = tl.dot(b_v, b_do, input_precision=PREC)
+            b_ds = b_p * (b_dp - b_delta[None, :])
+            # [D, BM]
+            b_acc += tl.dot(tl.trans(b_k), b_ds.to(b_k.dtype), input_precision=PREC)
+        else:
+            b_mn = tl.maximum(b_m, tl.max(b_s, 0))
+            b_p = tl.math.exp2(b_s - b_mn[None, :])
+            b_alpha = tl.math.exp2(b_m - b_mn)
+            b_l = b_l * b_alpha + tl.sum(b_p, 0)
+            b_acc = b_acc * b_alpha[None, :] + tl.dot(tl.trans(b_v), b_p.to(b_v.dtype), input_precision=PREC)
+            b_m = b_mn
     else:
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_p = tl.math.exp2(b_s - b_mn[:, None])
-        b_alpha = tl.math.exp2(b_m - b_mn)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        b_m = b_mn
+        # [BM, BN]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale + b_bias[None, :]
+        if BWD:
+            b_p = tl.math.exp2(b_s - b_lse2[:, None])
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            # [BM, D]
+            b_acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+        else:
+            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+            b_p = tl.math.exp2(b_s - b_mn[:, None])
+            b_alpha = tl.math.exp2(b_m - b_mn)
+            b_l = b_l * b_alpha + tl.sum(b_p, 1)
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+            b_m = b_mn
     return b_acc, b_m, b_l
 
 
 @triton.jit
-def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, DO, LSE, DELTA, OUT, N, n_pool, n_sel, n_seg, levels,
-                  qk_scale, B: tl.constexpr, D: tl.constexpr, KPI: tl.constexpr, TOP: tl.constexpr,
-                  REWEIGHT: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr):
-    """Forward (OUT = o, LSE written) or dq (OUT = dq, LSE and DELTA read) for one query block."""
+def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, DO, LSE, DELTA, OUT, PART, PLSE, N, n_pool, n_sel, n_seg, levels,
+                  qk_scale, B: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, KPI: tl.constexpr,
+                  FINE: tl.constexpr, SHARED: tl.constexpr, MERGE: tl.constexpr, TOP: tl.constexpr,
+                  REWEIGHT: tl.constexpr, BWD: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr):
+    """Forward (OUT = o, LSE written) or dq (OUT = dq; LSE and DELTA read) for BM queries.
+
+    ``FINE``: segment 0, whose keys differ per query block, so BM = B. ``SHARED``: the enriched candidate
+    segments and the coarsest level, whose keys all BM queries share (BM <= B^2 keeps a tile under one
+    level-2 ancestor). Split runs write the shared part to PART (o and its LSE in PLSE, or dq) and the
+    fine run merges it (``MERGE``) through the log-sum-exp.
+    """
     BN: tl.constexpr = KPI * B
-    i_qb, i_bh = tl.program_id(0), tl.program_id(1)
-    i_qb = i_qb.to(tl.int64)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_bh = i_bh.to(tl.int64)
-    o_m = i_qb * B + tl.arange(0, B)
+    o_m = i_t.to(tl.int64) * BM + tl.arange(0, BM)
     m_m = o_m < N
+    # the query block of the tile's first row; every row shares its ancestors above level 1
+    i_qb = i_t.to(tl.int64) * (BM // B)
     o_d = tl.arange(0, D)
     o_n = tl.arange(0, BN)
-    p_qd = i_bh * N * D + o_m[:, None] * D + o_d[None, :]
-    # [B, D]
-    b_q = tl.load(Q + p_qd, mask=m_m[:, None], other=0.)
+    if SWAP:
+        # [D, BM]
+        p_qd = i_bh * N * D + o_m[None, :] * D + o_d[:, None]
+        b_acc = tl.zeros([D, BM], dtype=tl.float32)
+    else:
+        # [BM, D]
+        p_qd = i_bh * N * D + o_m[:, None] * D + o_d[None, :]
+        b_acc = tl.zeros([BM, D], dtype=tl.float32)
+    m_qd = _bq(m_m, SWAP)
+    b_q = tl.load(Q + p_qd, mask=m_qd, other=0.)
     if BWD:
-        b_do = tl.load(DO + p_qd, mask=m_m[:, None], other=0.)
-        # [B]
+        b_do = tl.load(DO + p_qd, mask=m_qd, other=0.)
+        # [BM]
         b_lse2 = tl.load(LSE + i_bh * N + o_m, mask=m_m, other=0.) * 1.4426950408889634
         b_delta = tl.load(DELTA + i_bh * N + o_m, mask=m_m, other=0.)
     else:
         b_do = b_q
-        b_lse2 = tl.zeros([B], dtype=tl.float32)
+        b_lse2 = tl.zeros([BM], dtype=tl.float32)
         b_delta = b_lse2
-    b_acc = tl.zeros([B, D], dtype=tl.float32)
-    b_m = tl.full([B], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([B], dtype=tl.float32)
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
     p_sel = SEL + i_bh * n_sel
 
-    for lv in range(0, n_seg):
+    if FINE:
+        seg_lo = 0
+    else:
+        seg_lo = 1
+    if SHARED:
+        seg_hi = n_seg
+    else:
+        seg_hi = 1
+    for lv in range(seg_lo, seg_hi):
         n_l = tl.load(META + lv * 6 + 0)
         off_l = tl.load(META + lv * 6 + 3)
         span_l = tl.load(META + lv * 6 + 4)
@@ -98,14 +150,14 @@ def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, DO, LSE, DELTA, OUT, N, n_pool, n_
         else:
             p_k = PK + (i_bh * n_pool + off_l) * D
             p_v = PV + (i_bh * n_pool + off_l) * D
-        # the level-(lv+1) ancestor of this query block owns the candidate list
+        # the level-(lv+1) ancestor of these queries owns the candidate list
         p_row = p_sel + sel_up + (i_qb // span_l) * k_up
         for i_it in range(0, tl.cdiv(k_up, KPI)):
             o_row, m_row = _cand_rows(p_row, k_up, i_it, n_l, o_n, B, KPI)
             b_bias = _log2_weight(o_row, m_row, span_l, N, REWEIGHT)
             b_acc, b_m, b_l = _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_acc,
-                                      b_m, b_l, qk_scale, D, BWD, PREC)
-    if TOP:
+                                      b_m, b_l, qk_scale, D, BWD, SWAP, PREC)
+    if SHARED and TOP:
         n_t = tl.load(META + levels * 6 + 0)
         off_t = tl.load(META + levels * 6 + 3)
         span_t = tl.load(META + levels * 6 + 4)
@@ -116,11 +168,22 @@ def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, DO, LSE, DELTA, OUT, N, n_pool, n_
             m_row = o_row < n_t
             b_bias = _log2_weight(o_row, m_row, span_t, N, REWEIGHT)
             b_acc, b_m, b_l = _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_acc,
-                                      b_m, b_l, qk_scale, D, BWD, PREC)
+                                      b_m, b_l, qk_scale, D, BWD, SWAP, PREC)
     if BWD:
         b_out = b_acc * (qk_scale * 0.6931471805599453)
+        if MERGE:
+            b_out += tl.load(PART + p_qd, mask=m_qd, other=0.)
     else:
-        b_out = b_acc / b_l[:, None]
+        if MERGE:
+            # [BM, D], [BM]: the shared part, normalised, and its log2-sum-exp
+            b_po = tl.load(PART + p_qd, mask=m_qd, other=0.)
+            b_plse2 = tl.load(PLSE + i_bh * N + o_m, mask=m_m, other=0.) * 1.4426950408889634
+            b_mn = tl.maximum(b_m, b_plse2)
+            b_alpha = tl.math.exp2(b_m - b_mn)
+            b_beta = tl.math.exp2(b_plse2 - b_mn)
+            b_acc = b_acc * _bq(b_alpha, SWAP) + b_po * _bq(b_beta, SWAP)
+            b_l = b_l * b_alpha + b_beta
+            b_m = b_mn
+        b_out = b_acc / _bq(b_l, SWAP)
         tl.store(LSE + i_bh * N + o_m, (b_m + tl.log2(b_l)) * 0.6931471805599453, mask=m_m)
-    tl.store(OUT + p_qd, b_out.to(OUT.dtype.element_ty), mask=m_m[:, None])
-
+    tl.store(OUT + p_qd, b_out.to(OUT.dtype.element_ty), mask=m_qd)

@@ -3,6 +3,7 @@
 The forward and backward are ``torch.library`` custom ops with fake (meta) implementations, so
 ``torch.compile`` traces a model that calls LLSA without graph breaks.
 """
+import functools
 import os
 
 import torch
@@ -16,6 +17,8 @@ from llsa.ops.llsa.select import select, unpack_sel
 from llsa.ops.llsa.transpose import transpose_level
 
 HEAD_DIMS = (16, 32, 64, 128)
+# Tests set LLSA_POISON=1: outputs start as NaN so an element no kernel writes fails loudly.
+POISON = os.environ.get("LLSA_POISON") == "1"
 # Queries per program in the coarsest level's dk/dv: enough programs to fill the GPU at large N.
 TOP_CHUNK = 2048
 
@@ -49,32 +52,65 @@ def _kpi(block: int) -> int:
     return max(1, 64 // block)
 
 
-def forward_kernels(q, k, v, lay: Layout, reweight: bool, scale: float):
+def _out(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    dtype = dtype or like.dtype
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(n: int, block: int, topk: int, levels: int, enrich: int, device: torch.device):
+    lay = Layout(n, block, topk, levels, enrich)
+    return lay, lay.meta(device)
+
+
+def _shared_rows(block: int) -> int:
+    """Queries per program for the shared segments: one tile stays under one level-2 ancestor."""
+    return min(128, block * block)
+
+
+def _launch_q(lay, meta, q, k, v, pkv, sel, do, lse, delta, out, part, plse, qk_scale, reweight, bwd):
+    """The query-owned pass: shared segments in 128-query tiles, then the fine segment, merged."""
+    bh, n, d = q.shape
+    shared = lay.n_seg > 1 or lay.top
+    common = dict(D=d, KPI=_kpi(lay.block), B=lay.block, TOP=lay.top, REWEIGHT=reweight, BWD=bwd,
+                  PREC=_prec(q.dtype))
+    if shared:
+        bm = _shared_rows(lay.block)
+        llsa_q_kernel[(triton.cdiv(n, bm), bh)](
+            q, k, v, pkv[0], pkv[1], sel, meta, do, plse if not bwd else lse, delta, part, part, plse, n,
+            lay.n_pool, lay.n_sel, lay.n_seg, lay.levels, qk_scale, BM=bm, FINE=False, SHARED=True,
+            MERGE=False, SWAP=False, num_warps=8, **common)
+    llsa_q_kernel[(lay.sizes[1], bh)](
+        q, k, v, pkv[0], pkv[1], sel, meta, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
+        lay.n_seg, lay.levels, qk_scale, BM=lay.block, FINE=True, SHARED=False, MERGE=shared, SWAP=True,
+        num_warps=4, **common)
+
+
+def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, scale: float):
     """Returns o (BH, N, D), lse (BH, N) float32, pooled k/v (2, BH, n_pool, D), picks (BH, n_sel) int32."""
     bh, n, d = q.shape
     pooled = pool_qkv(q, k, v, lay)
     sel = select(pooled, lay)
     pkv = pooled[1:].to(q.dtype)
-    o = torch.full_like(q, float("nan"))
-    lse = torch.full((bh, n), float("nan"), dtype=torch.float32, device=q.device)
-    grid = (lay.sizes[1], bh)
-    llsa_q_kernel[grid](q, k, v, pkv[0], pkv[1], sel, lay.meta(q.device), q, lse, lse, o, n, lay.n_pool, lay.n_sel,
-                        lay.n_seg, lay.levels, scale * LOG2E, B=lay.block, D=d, KPI=_kpi(lay.block), TOP=lay.top,
-                        REWEIGHT=reweight, BWD=False, PREC=_prec(q.dtype))
+    o = _out((bh, n, d), q)
+    lse = _out((bh, n), q, torch.float32)
+    part = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
+    plse = torch.empty(bh, n, dtype=torch.float32, device=q.device)
+    _launch_q(lay, meta, q, k, v, pkv, sel, q, lse, lse, o, part, plse, scale * LOG2E, reweight, bwd=False)
     return o, lse, pkv, sel
 
 
-def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, reweight: bool, scale: float,
-                     deterministic: bool):
+def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Tensor, reweight: bool,
+                     scale: float, deterministic: bool):
     bh, n, d = q.shape
-    meta = lay.meta(q.device)
     prec = _prec(q.dtype)
     qk_scale = scale * LOG2E
     delta = (do.float() * o.float()).sum(-1)
-    dq = torch.full_like(q, float("nan"))
-    llsa_q_kernel[(lay.sizes[1], bh)](q, k, v, pkv[0], pkv[1], sel, meta, do, lse, delta, dq, n, lay.n_pool,
-                                      lay.n_sel, lay.n_seg, lay.levels, qk_scale, B=lay.block, D=d,
-                                      KPI=_kpi(lay.block), TOP=lay.top, REWEIGHT=reweight, BWD=True, PREC=prec)
+    dq = _out((bh, n, d), q)
+    dq_shared = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
+    _launch_q(lay, meta, q, k, v, pkv, sel, do, lse, delta, dq, dq_shared, lse, qk_scale, reweight, bwd=True)
     dpk = torch.zeros(bh, lay.n_pool, d, dtype=torch.float32, device=q.device)
     dpv = torch.zeros_like(dpk)
     for lv in range(1, lay.n_seg):
@@ -94,12 +130,12 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, reweight: bool,
             qk_scale, BK=bk, D=d, BMQ=64, REWEIGHT=reweight, PREC=prec)
         dpk[:, off:off + n_top] += part[0].sum(0)
         dpv[:, off:off + n_top] += part[1].sum(0)
-    dk = torch.full_like(k, float("nan"))
-    dv = torch.full_like(v, float("nan"))
+    dk = _out((bh, n, d), k)
+    dv = _out((bh, n, d), v)
     rowptr, idx = transpose_level(sel, lay.sel_off[1], lay.sizes[1], lay.widths[1], deterministic)
     llsa_kv_kernel[(lay.sizes[1], bh)](q, k, v, pkv[0], pkv[1], do, lse, delta, meta, rowptr, idx, dk, dv, dpk,
                                        dpv, n, lay.n_pool, 0, lay.levels, qk_scale, B=lay.block, D=d,
-                                       BMQ=lay.block, FINE=True, POOLED=lay.n_seg > 1 or lay.top,
+                                       BMQ=64, FINE=True, POOLED=lay.n_seg > 1 or lay.top,
                                        REWEIGHT=reweight, PREC=prec)
     return dq, dk, dv
 
@@ -108,8 +144,8 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, reweight: bool,
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, topk: int, levels: int,
                    enrich_levels: int, reweight: bool, scale: float, deterministic: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    lay = Layout(q.shape[-2], block_size, topk, levels, enrich_levels)
-    o, lse, pkv, sel = forward_kernels(_flat(q), _flat(k), _flat(v), lay, reweight, scale)
+    lay, meta = _layout(q.shape[-2], block_size, topk, levels, enrich_levels, q.device)
+    o, lse, pkv, sel = forward_kernels(_flat(q), _flat(k), _flat(v), lay, meta, reweight, scale)
     return o.view(q.shape), lse.view(q.shape[:-1]), pkv, sel
 
 
@@ -126,10 +162,10 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                    lse: torch.Tensor, pkv: torch.Tensor, sel: torch.Tensor, block_size: int, topk: int,
                    levels: int, enrich_levels: int, reweight: bool, scale: float, deterministic: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lay = Layout(q.shape[-2], block_size, topk, levels, enrich_levels)
-    n, d = q.shape[-2], q.shape[-1]
+    lay, meta = _layout(q.shape[-2], block_size, topk, levels, enrich_levels, q.device)
+    n = q.shape[-2]
     dq, dk, dv = backward_kernels(_flat(do), _flat(q), _flat(k), _flat(v), _flat(o), lse.reshape(-1, n),
-                                  pkv, sel, lay, reweight, scale, deterministic)
+                                  pkv, sel, lay, meta, reweight, scale, deterministic)
     return dq.view(q.shape), dk.view(q.shape), dv.view(q.shape)
 
 
