@@ -67,7 +67,12 @@ def test_kernels_match_reference_fp16(case, device):
     _check(*case, torch.float16, device, d=32)
 
 
-def test_selection_matches_reference(device):
+@pytest.mark.parametrize("dense_max", [1024, 0], ids=["kernel-top", "torch-top"])
+def test_selection_matches_reference(device, dense_max, monkeypatch):
+    """Both ways of picking at the coarsest level: the dense kernel and the chunked sort for huge tops."""
+    from llsa.ops.llsa import select as select_mod
+
+    monkeypatch.setattr(select_mod, "DENSE_MAX", dense_max)
     torch.manual_seed(3)
     for n, block, topk, levels in [(300, 16, 3, 2), (700, 16, 2, 3), (40, 16, 8, 2), (1000, 16, 4, 1)]:
         q, k = torch.randn(2, 1, n, 16, device=device), torch.randn(2, 1, n, 16, device=device)

@@ -9,7 +9,7 @@ import os
 import torch
 import triton
 
-from llsa.ops.llsa.bwd import llsa_kv_kernel, llsa_top_kv_kernel
+from llsa.ops.llsa.bwd import delta_kernel, llsa_kv_kernel, llsa_top_kv_kernel
 from llsa.ops.llsa.fwd import LOG2E, llsa_q_kernel
 from llsa.ops.llsa.layout import Layout
 from llsa.ops.llsa.pool import pool_qkv
@@ -19,8 +19,11 @@ from llsa.ops.llsa.transpose import transpose_level
 HEAD_DIMS = (16, 32, 64, 128)
 # Tests set LLSA_POISON=1: outputs start as NaN so an element no kernel writes fails loudly.
 POISON = os.environ.get("LLSA_POISON") == "1"
-# Queries per program in the coarsest level's dk/dv: enough programs to fill the GPU at large N.
-TOP_CHUNK = 2048
+# Launch shapes of the query-owned pass, measured on an H100 (docs/benchmarks.md); ablations/tune_llsa.py
+# sweeps them.
+TUNE = dict(shared_kpi=4, shared_warps=4, shared_stages=2, fine_warps=4, fine_stages=3)
+# Programs wanted for the coarsest level's dk/dv, which splits the queries into chunks to get them.
+TOP_PROGRAMS = 2048
 
 
 def kernel_support(q: torch.Tensor, block_size: int) -> str | None:
@@ -65,6 +68,11 @@ def _layout(n: int, block: int, topk: int, levels: int, enrich: int, device: tor
     return lay, lay.meta(device)
 
 
+def _top_chunks(n: int, key_programs: int) -> int:
+    """Query chunks for the coarsest dk/dv: enough programs to fill the GPU, chunks of >= 256 queries."""
+    return max(1, min(triton.cdiv(n, 256), triton.cdiv(TOP_PROGRAMS, key_programs)))
+
+
 def _shared_rows(block: int) -> int:
     """Queries per program for the shared segments: one tile stays under one level-2 ancestor."""
     return min(128, block * block)
@@ -74,18 +82,18 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, do, lse, delta, out, part, plse, qk_
     """The query-owned pass: shared segments in 128-query tiles, then the fine segment, merged."""
     bh, n, d = q.shape
     shared = lay.n_seg > 1 or lay.top
-    common = dict(D=d, KPI=_kpi(lay.block), B=lay.block, TOP=lay.top, REWEIGHT=reweight, BWD=bwd,
-                  PREC=_prec(q.dtype))
+    common = dict(D=d, B=lay.block, TOP=lay.top, REWEIGHT=reweight, BWD=bwd, PREC=_prec(q.dtype))
     if shared:
         bm = _shared_rows(lay.block)
         llsa_q_kernel[(triton.cdiv(n, bm), bh)](
             q, k, v, pkv[0], pkv[1], sel, meta, do, plse if not bwd else lse, delta, part, part, plse, n,
             lay.n_pool, lay.n_sel, lay.n_seg, lay.levels, qk_scale, BM=bm, FINE=False, SHARED=True,
-            MERGE=False, SWAP=False, num_warps=8, **common)
+            MERGE=False, SWAP=False, KPI=max(1, TUNE["shared_kpi"] * 16 // lay.block),
+            num_warps=TUNE["shared_warps"], num_stages=TUNE["shared_stages"], **common)
     llsa_q_kernel[(lay.sizes[1], bh)](
         q, k, v, pkv[0], pkv[1], sel, meta, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
         lay.n_seg, lay.levels, qk_scale, BM=lay.block, FINE=True, SHARED=False, MERGE=shared, SWAP=True,
-        num_warps=4, **common)
+        KPI=_kpi(lay.block), num_warps=TUNE["fine_warps"], num_stages=TUNE["fine_stages"], **common)
 
 
 def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, scale: float):
@@ -107,7 +115,8 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
     bh, n, d = q.shape
     prec = _prec(q.dtype)
     qk_scale = scale * LOG2E
-    delta = (do.float() * o.float()).sum(-1)
+    delta = torch.empty(bh, n, dtype=torch.float32, device=q.device)
+    delta_kernel[(triton.cdiv(bh * n, 64),)](o, do, delta, bh * n, D=d, BR=64)
     dq = _out((bh, n, d), q)
     dq_shared = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
     _launch_q(lay, meta, q, k, v, pkv, sel, do, lse, delta, dq, dq_shared, lse, qk_scale, reweight, bwd=True)
@@ -123,10 +132,11 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
     if lay.top:
         n_top, off = lay.sizes[lay.levels], lay.pool_off[lay.levels]
         bk = min(64, max(16, triton.next_power_of_2(n_top)))
-        n_chunks = triton.cdiv(n, TOP_CHUNK)
+        n_chunks = _top_chunks(n, triton.cdiv(n_top, bk) * bh)
+        chunk = triton.cdiv(n, n_chunks)
         part = torch.empty(2, n_chunks, bh, n_top, d, dtype=torch.float32, device=q.device)
         llsa_top_kv_kernel[(triton.cdiv(n_top, bk), n_chunks, bh)](
-            q, pkv[0], pkv[1], do, lse, delta, meta, part[0], part[1], n, lay.n_pool, lay.levels, TOP_CHUNK,
+            q, pkv[0], pkv[1], do, lse, delta, meta, part[0], part[1], n, lay.n_pool, lay.levels, chunk,
             qk_scale, BK=bk, D=d, BMQ=64, REWEIGHT=reweight, PREC=prec)
         dpk[:, off:off + n_top] += part[0].sum(0)
         dpv[:, off:off + n_top] += part[1].sum(0)
@@ -140,13 +150,17 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
     return dq, dk, dv
 
 
+def _attention_fwd_impl(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale):
+    lay, meta = _layout(q.shape[-2], block_size, topk, levels, enrich_levels, q.device)
+    o, lse, pkv, sel = forward_kernels(_flat(q), _flat(k), _flat(v), lay, meta, reweight, scale)
+    return o.view(q.shape), lse.view(q.shape[:-1]), pkv, sel
+
+
 @torch.library.custom_op("llsa::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, topk: int, levels: int,
                    enrich_levels: int, reweight: bool, scale: float, deterministic: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    lay, meta = _layout(q.shape[-2], block_size, topk, levels, enrich_levels, q.device)
-    o, lse, pkv, sel = forward_kernels(_flat(q), _flat(k), _flat(v), lay, meta, reweight, scale)
-    return o.view(q.shape), lse.view(q.shape[:-1]), pkv, sel
+    return _attention_fwd_impl(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale)
 
 
 @_attention_fwd.register_fake
@@ -157,16 +171,22 @@ def _(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale, determi
             q.new_empty(2, bh, lay.n_pool, q.shape[-1]), q.new_empty(bh, lay.n_sel, dtype=torch.int32))
 
 
-@torch.library.custom_op("llsa::attention_bwd", mutates_args=())
-def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                   lse: torch.Tensor, pkv: torch.Tensor, sel: torch.Tensor, block_size: int, topk: int,
-                   levels: int, enrich_levels: int, reweight: bool, scale: float, deterministic: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_bwd_impl(do, q, k, v, o, lse, pkv, sel, block_size, topk, levels, enrich_levels, reweight,
+                        scale, deterministic):
     lay, meta = _layout(q.shape[-2], block_size, topk, levels, enrich_levels, q.device)
     n = q.shape[-2]
     dq, dk, dv = backward_kernels(_flat(do), _flat(q), _flat(k), _flat(v), _flat(o), lse.reshape(-1, n),
                                   pkv, sel, lay, meta, reweight, scale, deterministic)
     return dq.view(q.shape), dk.view(q.shape), dv.view(q.shape)
+
+
+@torch.library.custom_op("llsa::attention_bwd", mutates_args=())
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, pkv: torch.Tensor, sel: torch.Tensor, block_size: int, topk: int,
+                   levels: int, enrich_levels: int, reweight: bool, scale: float, deterministic: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_bwd_impl(do, q, k, v, o, lse, pkv, sel, block_size, topk, levels, enrich_levels, reweight,
+                               scale, deterministic)
 
 
 @_attention_bwd.register_fake
@@ -191,14 +211,34 @@ def _backward(ctx, do, _dlse, _dpkv, _dsel):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _LLSAFunction(torch.autograd.Function):
+    """The eager path: the same kernels as the custom ops without their dispatch cost per call."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_size, topk, levels, enrich_levels, reweight, scale, deterministic):
+        out = _attention_fwd_impl(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale)
+        _setup_context(ctx, (q, k, v, block_size, topk, levels, enrich_levels, reweight, scale, deterministic),
+                       out)
+        return out
+
+    @staticmethod
+    def backward(ctx, do, _dlse, _dpkv, _dsel):
+        q, k, v, o, lse, pkv, sel = ctx.saved_tensors
+        dq, dk, dv = _attention_bwd_impl(do.contiguous(), q, k, v, o, lse, pkv, sel, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
 def llsa_attention_triton(q, k, v, *, block_size, topk, levels, enrich_levels, reweight, scale,
                           deterministic=False, return_lse=False):
     """The kernel path of ``llsa_attention`` (arguments already validated)."""
     why = kernel_support(q, block_size)
     if why is not None:
         raise ValueError(f"llsa backend='triton': {why}")
-    o, lse, _, _ = _attention_fwd(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale,
-                                  deterministic)
+    args = (q, k, v, block_size, topk, levels, enrich_levels, reweight, scale, deterministic)
+    if torch.compiler.is_compiling():
+        o, lse, _, _ = _attention_fwd(*args)
+    else:
+        o, lse, _, _ = _LLSAFunction.apply(*args)
     return (o, lse) if return_lse else o
 
 

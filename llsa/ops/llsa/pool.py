@@ -11,43 +11,40 @@ from llsa.ops.llsa.layout import Layout
 
 
 @triton.jit
-def _pool_one(X, Y, i_bh, o_t, m_t, o_d, n_in, n_total, span_in, stride_x, x_off, stride_y, y_off,
+def _pool_one(X, Y, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off,
               B: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WEIGHTED: tl.constexpr):
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+    # [BT, B]: the input rows under each of the BT output tokens, contiguous in memory
+    o_r = o_t[:, None] * B + tl.arange(0, B)[None, :]
+    m_r = o_r < n_in
+    p_x = X + i_bh.to(tl.int64) * stride_x + (x_off + o_r)[:, :, None] * D + o_d[None, None, :]
+    # [BT, B, D]
+    b_x = tl.load(p_x, mask=m_r[:, :, None], other=0.).to(tl.float32)
+    if WEIGHTED:
+        # tokens under input row r: min((r+1)*span, N) - r*span
+        b_w = tl.minimum((o_r + 1) * span_in, n_total) - o_r * span_in
+        b_w = tl.where(m_r, b_w, 0).to(tl.float32)
+    else:
+        b_w = m_r.to(tl.float32)
     # [BT, D]
-    b_acc = tl.zeros([BT, D], dtype=tl.float32)
+    b_sum = tl.sum(b_x * b_w[:, :, None], axis=1)
     # [BT]
-    b_cnt = tl.zeros([BT], dtype=tl.float32)
-    for c in tl.static_range(B):
-        o_r = o_t * B + c
-        m_r = m_t & (o_r < n_in)
-        p_x = X + i_bh.to(tl.int64) * stride_x + (x_off + o_r)[:, None] * D + o_d[None, :]
-        # [BT, D]
-        b_x = tl.load(p_x, mask=m_r[:, None], other=0.).to(tl.float32)
-        if WEIGHTED:
-            # tokens under input row r: min((r+1)*span, N) - r*span
-            b_w = tl.minimum((o_r + 1) * span_in, n_total) - o_r * span_in
-            b_w = tl.where(m_r, b_w, 0).to(tl.float32)
-        else:
-            b_w = m_r.to(tl.float32)
-        b_acc += b_x * b_w[:, None]
-        b_cnt += b_w
-    b_y = b_acc / tl.maximum(b_cnt, 1.0)[:, None]
+    b_cnt = tl.sum(b_w, axis=1)
+    b_y = b_sum / tl.maximum(b_cnt, 1.0)[:, None]
     p_y = Y + i_bh.to(tl.int64) * stride_y + (y_off + o_t)[:, None] * D + o_d[None, :]
-    tl.store(p_y, b_y, mask=m_t[:, None])
+    tl.store(p_y, b_y, mask=(o_t < n_out)[:, None])
 
 
 @triton.jit
 def pool_kernel(XQ, XK, XV, YQ, YK, YV, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off,
                 B: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WEIGHTED: tl.constexpr):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
-    m_t = o_t < n_out
     o_d = tl.arange(0, D)
-    _pool_one(XQ, YQ, i_bh, o_t, m_t, o_d, n_in, n_total, span_in, stride_x, x_off, stride_y, y_off,
+    _pool_one(XQ, YQ, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off,
               B, D, BT, WEIGHTED)
-    _pool_one(XK, YK, i_bh, o_t, m_t, o_d, n_in, n_total, span_in, stride_x, x_off, stride_y, y_off,
+    _pool_one(XK, YK, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off,
               B, D, BT, WEIGHTED)
-    _pool_one(XV, YV, i_bh, o_t, m_t, o_d, n_in, n_total, span_in, stride_x, x_off, stride_y, y_off,
+    _pool_one(XV, YV, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off,
               B, D, BT, WEIGHTED)
 
 
@@ -57,13 +54,14 @@ def pool_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout) -> 
     Returns float32 ``(3, BH, n_pool, D)``: q, k, v stacked, levels stacked along rows as ``lay.pool_off``.
     """
     bh, n, d = q.shape
-    out = torch.full((3, bh, lay.n_pool, d), float("nan"), dtype=torch.float32, device=q.device)
-    bt = 16
+    out = torch.empty((3, bh, lay.n_pool, d), dtype=torch.float32, device=q.device)
+    bt = max(1, 128 // lay.block)
     src, stride_x, x_off = (q, k, v), n * d, 0
     for level in range(1, lay.levels + 1):
         n_in, n_out = lay.sizes[level - 1], lay.sizes[level]
         grid = (triton.cdiv(n_out, bt), bh)
         pool_kernel[grid](*src, out[0], out[1], out[2], n_in, n_out, n, lay.spans[level - 1], stride_x, x_off,
-                          lay.n_pool * d, lay.pool_off[level], B=lay.block, D=d, BT=bt, WEIGHTED=level > 1)
+                          lay.n_pool * d, lay.pool_off[level], B=lay.block, D=d, BT=bt, WEIGHTED=level > 1,
+                          num_warps=4)
         src, stride_x, x_off = (out[0], out[1], out[2]), lay.n_pool * d, lay.pool_off[level]
     return out

@@ -9,14 +9,24 @@ import triton.language as tl
 from llsa.ops.llsa.layout import Layout
 from llsa.ops.llsa.naive import _top_smallest_ties
 
+# Three tf32 products recover fp32 accuracy on tensor cores; near-ties may still order differently
+# from a float32 matmul, exactly as two float32 summation orders do.
+SELECT_PREC = "tf32x3"
 # Rows of the coarsest score matrix scored at once: bounds its memory when L is small and N large.
 TOP_CHUNK = 2048
+# Up to this many coarsest tokens, one kernel scores and picks them; beyond it, chunked torch sorts.
+DENSE_MAX = 1024
 
 
 @triton.jit
 def select_kernel(PQ, PK, SEL, n_l, k_up, k_out, sel_off_l, sel_off_up, pool_off_l, stride_p, stride_s,
-                  B: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, KUP: tl.constexpr):
-    """One program per level-(l+1) parent: its B children (sibling query tokens) share the K*B candidates."""
+                  B: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, KUP: tl.constexpr, DENSE: tl.constexpr,
+                  PREC: tl.constexpr):
+    """One program per level-(l+1) parent: its B children (sibling query tokens) share the K*B candidates.
+
+    ``DENSE`` (the coarsest level): the program takes B consecutive query tokens and every one of the
+    ``n_l <= KUP*B`` tokens is a candidate.
+    """
     i_up, i_bh = tl.program_id(0), tl.program_id(1)
     i_up = i_up.to(tl.int64)
     p_pq = PQ + i_bh.to(tl.int64) * stride_p
@@ -26,12 +36,16 @@ def select_kernel(PQ, PK, SEL, n_l, k_up, k_out, sel_off_l, sel_off_up, pool_off
     o_q = i_up * B + o_s
     m_q = o_q < n_l
     o_c = tl.arange(0, KUP * B)
-    o_slot = o_c // B
-    m_slot = o_slot < k_up
-    b_up = tl.load(p_sel + sel_off_up + i_up * k_up + o_slot, mask=m_slot, other=0).to(tl.int64)
-    # [KUP*B] candidate indices at level l, ascending
-    b_cand = b_up * B + o_c % B
-    m_c = m_slot & (b_cand < n_l)
+    if DENSE:
+        b_cand = o_c.to(tl.int64)
+        m_c = b_cand < n_l
+    else:
+        o_slot = o_c // B
+        m_slot = o_slot < k_up
+        b_up = tl.load(p_sel + sel_off_up + i_up * k_up + o_slot, mask=m_slot, other=0).to(tl.int64)
+        # [KUP*B] candidate indices at level l, ascending
+        b_cand = b_up * B + o_c % B
+        m_c = m_slot & (b_cand < n_l)
     # [B, KUP*B]
     b_s = tl.zeros([B, KUP * B], dtype=tl.float32)
     for i_d in tl.static_range(0, D, DC):
@@ -40,7 +54,7 @@ def select_kernel(PQ, PK, SEL, n_l, k_up, k_out, sel_off_l, sel_off_up, pool_off
         b_q = tl.load(p_pq + (pool_off_l + o_q)[:, None] * D + o_d[None, :], mask=m_q[:, None], other=0.)
         # [KUP*B, DC]
         b_k = tl.load(p_pk + (pool_off_l + b_cand)[:, None] * D + o_d[None, :], mask=m_c[:, None], other=0.)
-        b_s += tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+        b_s += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     b_s = tl.where(m_c[None, :], b_s, float("-inf"))
     big = 1 << 62
     b_key = tl.where(m_c, b_cand, big)
@@ -63,23 +77,31 @@ def select(pooled: torch.Tensor, lay: Layout) -> torch.Tensor:
     """Picks of every level from float32 pooled (3, BH, n_pool, D); returns int32 (BH, n_sel)."""
     _, bh, _, d = pooled.shape
     pq, pk = pooled[0], pooled[1]
-    sel = torch.full((bh, lay.n_sel), -1, dtype=torch.int32, device=pooled.device)
+    sel = torch.empty((bh, lay.n_sel), dtype=torch.int32, device=pooled.device)
     top = lay.levels
     n_top, off = lay.sizes[top], lay.pool_off[top]
-    q_top, k_top = pq[:, off:off + n_top], pk[:, off:off + n_top]
-    cand = torch.arange(n_top, device=pooled.device)
-    picks = []
-    for start in range(0, n_top, TOP_CHUNK):
-        scores = q_top[:, start:start + TOP_CHUNK] @ k_top.transpose(-1, -2)
-        picks.append(_top_smallest_ties(scores, cand.expand_as(scores), lay.widths[top]))
-    s0 = lay.sel_off[top]
-    sel[:, s0:s0 + n_top * lay.widths[top]] = torch.cat(picks, dim=1).flatten(1).to(torch.int32)
+    if n_top <= DENSE_MAX:
+        nt = max(lay.block, triton.next_power_of_2(n_top))
+        select_kernel[(triton.cdiv(n_top, lay.block), bh)](
+            pq, pk, sel, n_top, 0, lay.widths[top], lay.sel_off[top], 0, off, lay.n_pool * d, lay.n_sel,
+            B=lay.block, D=d, DC=min(d, 32) if nt <= 256 else 16, KUP=nt // lay.block, DENSE=True,
+            PREC=SELECT_PREC, num_warps=4 if nt <= 256 else 8)
+    else:
+        q_top, k_top = pq[:, off:off + n_top], pk[:, off:off + n_top]
+        cand = torch.arange(n_top, device=pooled.device)
+        picks = []
+        for start in range(0, n_top, TOP_CHUNK):
+            scores = q_top[:, start:start + TOP_CHUNK] @ k_top.transpose(-1, -2)
+            picks.append(_top_smallest_ties(scores, cand.expand_as(scores), lay.widths[top]))
+        s0 = lay.sel_off[top]
+        sel[:, s0:s0 + n_top * lay.widths[top]] = torch.cat(picks, dim=1).flatten(1).to(torch.int32)
     for level in range(top - 1, 0, -1):
         k_up = lay.widths[level + 1]
         grid = (lay.sizes[level + 1], bh)
         select_kernel[grid](pq, pk, sel, lay.sizes[level], k_up, lay.widths[level], lay.sel_off[level],
                             lay.sel_off[level + 1], lay.pool_off[level], lay.n_pool * d, lay.n_sel,
-                            B=lay.block, D=d, DC=min(d, 32), KUP=triton.next_power_of_2(k_up), num_warps=4)
+                            B=lay.block, D=d, DC=min(d, 32), KUP=triton.next_power_of_2(k_up), DENSE=False,
+                            PREC=SELECT_PREC, num_warps=4)
     return sel
 
 

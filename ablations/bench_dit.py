@@ -1,0 +1,79 @@
+"""End-to-end DiT training-step time with each attention, same batch, one process.
+
+``python -m ablations.bench_dit --size DiT-S --res 128 --batch 4 --attn full vsa sla llsa``. A step is
+flow-matching loss, backward and an AdamW update under bf16 autocast; the median of timed steps after
+warm-up is reported with throughput in pixel tokens/s and the speed-up over the first attention listed.
+VSA and SLA get LLSA's key budget (``matched_topk``).
+"""
+import argparse
+import statistics
+
+import torch
+
+from llsa.attention.budget import matched_topk
+from llsa.flow import FlowMatching
+from llsa.models import build_dit
+from llsa.ops.llsa.naive import default_levels
+
+
+def attention_options(name: str, n: int, levels: int | None) -> dict:
+    if name == "llsa":
+        return {"levels": levels} if levels else {}
+    if name in ("vsa", "sla"):
+        lv = levels or default_levels(n, 16)
+        return {"topk": matched_topk(n, levels=lv, enrich_levels=lv)}
+    return {}
+
+
+def time_steps(size, res, batch, attn, levels, steps, warmup):
+    n = res * res
+    model = build_dit(size, image_size=res, in_channels=3, attention=attn,
+                      attention_options=attention_options(attn, n, levels)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    flow = FlowMatching(image_size=res)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x0 = torch.rand(batch, 3, res, res, device="cuda", generator=gen) * 2 - 1
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = flow.loss(model, x0, gen)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model, opt
+    torch.cuda.empty_cache()
+    return statistics.median(times), peak
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="DiT-S")
+    p.add_argument("--res", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--attn", nargs="+", default=["full", "vsa", "sla", "llsa"])
+    p.add_argument("--levels", type=int, default=None, help="LLSA levels (default: the spec's rule)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args(argv)
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}: {args.size} {args.res}x{args.res} "
+          f"({args.res ** 2} tokens) batch {args.batch}, bf16 autocast, AdamW")
+    print("| attention | step ms | images/s | tokens/s | peak GiB | speed-up |")
+    print("|---|---|---|---|---|---|")
+    base = None
+    for attn in args.attn:
+        ms, peak = time_steps(args.size, args.res, args.batch, attn, args.levels, args.steps, args.warmup)
+        base = base or ms
+        ips = args.batch / ms * 1e3
+        print(f"| {attn} | {ms:.1f} | {ips:.2f} | {ips * args.res ** 2:.3g} | {peak:.1f} | {base / ms:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
