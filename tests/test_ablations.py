@@ -1,0 +1,329 @@
+"""Ablation grids: expansion and names, every shipped grid, the runner (skip, failure, GPU pool), the table."""
+import csv
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from ablations.grid import GridError, command_for, format_value, load_grid, main_ablate, run_state
+from ablations.table import main_table, read_scalars
+
+REPO = Path(__file__).resolve().parents[1]
+GRIDS = sorted((REPO / "configs" / "ablations").glob("*.yaml"))
+
+# Stands in for `run.py fit`: records its call, writes config.yaml, exits with `fake.exit` (default 0).
+FAKE_TRAINER = r"""
+import json, os, sys
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+run_dir = os.path.join(args["run.out_dir"], args["run.name"])
+os.makedirs(run_dir, exist_ok=True)
+with open(os.path.join(args["run.out_dir"], "calls.txt"), "a") as f:
+    f.write(args["run.name"] + "\n")
+with open(os.path.join(run_dir, "seen.json"), "w") as f:
+    json.dump({"args": args, "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}, f)
+with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+    f.write("\n".join(f"{k}: {v}" for k, v in args.items()))
+print("fake training", args["run.name"])
+sys.exit(int(args.get("fake.exit", "0")))
+"""
+RUNNER = f"{shlex.quote(sys.executable)} -c {shlex.quote(FAKE_TRAINER)}"
+
+
+def write_grid(tmp_path: Path, text: str, name: str = "demo") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+ROWS_GRID = """
+overrides:
+  train.max_steps: 10
+  model.attention.name: llsa
+  train.lr: 1e-4
+rows:
+  - label: Full attention
+    set: {model.attention.name: full}
+    paper: {fid: 24.91}
+  - label: "+ KV reweighting (L=2)"
+    set: {model.attention.options.levels: 2, train.max_steps: 20}
+  - label: other
+    name: Custom Name
+table:
+  columns: ["val/fid (last)", "perf/tokens_per_s (median)"]
+"""
+
+
+def test_rows_expand_in_order_with_readable_names(tmp_path):
+    grid = load_grid(write_grid(tmp_path, ROWS_GRID), extra={"train.max_steps": 5})
+    assert grid.name == "demo"
+    assert [r.name for r in grid.runs] == ["demo-full-attention", "demo-kv-reweighting-l-2", "demo-custom-name"]
+    assert [r.label for r in grid.runs] == ["Full attention", "+ KV reweighting (L=2)", "other"]
+    full, l2, other = grid.runs
+    # precedence: overrides < row set < command-line extras
+    assert full.overrides["model.attention.name"] == "full"
+    assert l2.overrides["model.attention.name"] == "llsa"
+    assert l2.overrides["model.attention.options.levels"] == 2
+    assert [r.overrides["train.max_steps"] for r in grid.runs] == [5, 5, 5]
+    assert full.overrides["train.lr"] == pytest.approx(1e-4)
+    assert full.varied == {"model.attention.name": "full"} and other.varied == {}
+    assert full.paper == {"fid": 24.91} and l2.paper == {}
+    assert [c.key for c in grid.table.columns] == ["fid", "tokens_per_s"]
+    assert grid.table.plot == ("tokens_per_s", "fid")
+
+
+def test_axes_expand_as_cartesian_product(tmp_path):
+    grid = load_grid(write_grid(tmp_path, """
+name: sweep
+overrides: {train.max_steps: 10}
+axes:
+  model.attention.options.topk: [8, 16]
+  model.reorder: [true, false]
+  flow.timestep_sampling: [logit_normal]
+"""))
+    assert [r.name for r in grid.runs] == [
+        "sweep-topk8-reorder-on-timestep_sampling-logit_normal",
+        "sweep-topk8-reorder-off-timestep_sampling-logit_normal",
+        "sweep-topk16-reorder-on-timestep_sampling-logit_normal",
+        "sweep-topk16-reorder-off-timestep_sampling-logit_normal",
+    ]
+    assert grid.runs[1].label == "topk=8, reorder=false, timestep_sampling=logit_normal"
+    assert grid.runs[2].overrides == {"train.max_steps": 10, "model.attention.options.topk": 16,
+                                      "model.reorder": True, "flow.timestep_sampling": "logit_normal"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rows: [{label: a}, {label: A}]", "both give run name"),
+    ("rows: [{label: a}]\naxes: {x: [1]}", "exactly one of"),
+    ("rows: [{label: a, paper: {fidd: 1}}]", "not table column keys"),
+    ("rows: [{label: a, sett: {x: 1}}]", "unknown key"),
+    ("axes: {x: []}", "non-empty list"),
+    ("rows: [{label: a}]\ntable: {columns: ['val/fid (avg)']}", "reduce='avg'"),
+    ("rows: [{label: '+++'}]", "add `name:`"),
+    ("rows: [{label: a, set: {x: ???}}]", "not valid YAML"),
+])
+def test_bad_grids_say_what_to_change(tmp_path, text, message):
+    with pytest.raises(GridError, match=re.escape(message)):
+        load_grid(write_grid(tmp_path, text))
+
+
+@pytest.mark.parametrize("value", [None, True, False, 3, 1e-4, 2.0, 1e20, "full", "1e-4", "true", "a b: c",
+                                   "${train.max_steps}", "???", [8, 16], {"a": 1}])
+def test_override_values_read_back_unchanged(value):
+    text = format_value(value)
+    assert OmegaConf.to_container(OmegaConf.from_dotlist([f"k={text}"]))["k"] == value
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=[p.stem for p in GRIDS])
+def test_every_grid_file_expands(path):
+    grid = load_grid(path)
+    names = [r.name for r in grid.runs]
+    assert grid.runs and len(set(names)) == len(names)
+    assert all(re.fullmatch(r"[a-z0-9][a-z0-9._-]*", n) for n in names)
+    if path.stem.endswith("_small"):
+        # a fair comparison: every run of a small grid trains the same number of steps
+        assert len({r.overrides["train.max_steps"] for r in grid.runs}) == 1
+        assert all("???" not in map(str, r.overrides.values()) for r in grid.runs)
+    else:
+        assert all(r.overrides.get("data.path") == "???" for r in grid.runs)
+    from llsa.attention import ATTENTIONS, options_for
+
+    for run in grid.runs:
+        options = {k.rsplit(".", 1)[-1]: v for k, v in run.overrides.items()
+                   if k.startswith("model.attention.options.")}
+        name = run.overrides.get("model.attention.name")
+        assert name in ("full", "vsa", "sla", "llsa"), run.name
+        if name in ATTENTIONS:
+            options_for(name, **options)
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=[p.stem for p in GRIDS])
+def test_every_run_is_a_valid_trainer_config(path, tmp_path):
+    config = pytest.importorskip("lightning_modules.config")
+    if not hasattr(config, "load_config"):
+        pytest.skip("lightning_modules.config has no load_config yet")
+    grid = load_grid(path, extra={"data.path": str(tmp_path)} if not path.stem.endswith("_small") else None)
+    for run in grid.runs:
+        # exactly the key=value arguments the trainer gets: unknown keys, bad types and bad settings raise
+        cfg = config.load_config(None, command_for(grid, run, tmp_path, runner=[]))
+        for key, value in run.varied.items():
+            assert OmegaConf.select(cfg, key) == value, (run.name, key)
+
+
+@pytest.mark.parametrize("path", [p for p in GRIDS if p.stem.startswith("table2")],
+                         ids=lambda p: p.stem)
+def test_baselines_get_llsa_key_budget(path):
+    from llsa import keys_per_query
+
+    try:
+        from llsa.attention.budget import matched_topk
+    except ImportError:
+        matched_topk = None
+
+    def opt_budget(opt):
+        return {k: opt[k] for k in ("block_size", "topk", "levels", "enrich_levels")}
+
+    by_res = {}
+    for run in load_grid(path).runs:
+        by_res.setdefault(run.overrides["data.resolution"], []).append(run.overrides)
+    for res, runs in by_res.items():
+        (llsa,) = [o for o in runs if o["model.attention.name"] == "llsa"]
+        opt = {k.rsplit(".", 1)[-1]: v for k, v in llsa.items() if k.startswith("model.attention.options.")}
+        keys = keys_per_query(res * res, opt["block_size"], opt["topk"], opt["levels"], opt["enrich_levels"])
+        for o in runs:
+            if o["model.attention.name"] in ("vsa", "sla"):
+                assert o["model.attention.options.topk"] * o["model.attention.options.block_size"] == keys, res
+                if matched_topk is not None:
+                    assert o["model.attention.options.topk"] == matched_topk(res * res, **opt_budget(opt)), res
+
+
+RUNNER_GRID = """
+overrides: {train.max_steps: 3}
+rows:
+  - {label: a, set: {model.attention.name: full}}
+  - {label: bad, set: {model.attention.name: llsa, fake.exit: 3}}
+  - {label: c, set: {model.attention.name: llsa}}
+"""
+
+
+def _calls(out: Path) -> list[str]:
+    path = out / "calls.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+def test_failed_run_is_reported_and_the_rest_go_on_then_finished_runs_are_skipped(tmp_path, capsys):
+    grid = write_grid(tmp_path, RUNNER_GRID, name="g")
+    out = tmp_path / "runs"
+    argv = [str(grid), "--out", str(out), "--gpus", "0", "--runner", RUNNER, "data.path=/x"]
+    assert main_ablate(argv) == 1
+    printed = capsys.readouterr().out
+    assert sorted(_calls(out)) == ["g-a", "g-bad", "g-c"]
+    assert "FAILED (exit 3)" in printed and str(out / "g-bad" / "log.txt") in printed
+    assert "3 runs, 0 skipped (finished), 2 done, 1 failed" in printed
+    assert "fake training g-bad" in (out / "g-bad" / "log.txt").read_text()
+    assert json.loads((out / "g-bad" / "FAILED").read_text())["exit_code"] == 3
+    assert (out / "g-a" / "DONE").is_file() and (out / "g-c" / "DONE").is_file()
+    seen = json.loads((out / "g-a" / "seen.json").read_text())["args"]
+    assert seen["data.path"] == "/x" and seen["model.attention.name"] == "full" and seen["train.max_steps"] == "3"
+
+    # second pass: finished runs are skipped, the failed one resumes in its folder, keeping its log
+    (out / "calls.txt").unlink()
+    assert main_ablate(argv) == 1
+    assert _calls(out) == ["g-bad"]
+    assert (out / "g-bad" / "log.txt").read_text().count("fake training g-bad") == 2
+    assert json.loads((out / "g-bad" / "seen.json").read_text())["args"]["train.ckpt_path"] == "last"
+    assert not list(out.glob("*.prev-*"))
+    assert "2 skipped (finished)" in capsys.readouterr().out
+
+
+def test_hand_made_finished_run_is_skipped_and_changed_overrides_rerun(tmp_path):
+    grid = load_grid(write_grid(tmp_path, RUNNER_GRID, name="g"))
+    out = tmp_path / "runs"
+    a, bad, c = grid.runs
+    (out / a.name).mkdir(parents=True)
+    overrides = {k: format_value(v) for k, v in a.overrides.items()}
+    (out / a.name / "DONE").write_text(json.dumps({"overrides": overrides}))
+    (out / c.name).mkdir()
+    (out / c.name / "DONE").write_text(json.dumps({"overrides": {**overrides, "train.max_steps": "4"}}))
+    # a folder this runner never started is not resumed either
+    (out / bad.name).mkdir()
+    assert [run_state(r, out) for r in grid.runs] == ["done", "stale", "stale"]
+    assert main_ablate([str(grid.path), "--out", str(out), "--gpus", "0", "--runner", RUNNER]) == 1
+    assert sorted(_calls(out)) == ["g-bad", "g-c"]
+    assert (out / "g-c.prev-1" / "DONE").is_file() and (out / "g-bad.prev-1").is_dir()
+    assert [run_state(r, out) for r in grid.runs] == ["done", "failed", "done"]
+
+
+def test_missing_required_value_is_refused(tmp_path, capsys):
+    grid = write_grid(tmp_path, "overrides:\n  data.path: ???\nrows: [{label: a}]", name="g")
+    out = tmp_path / "runs"
+    assert main_ablate([str(grid), "--out", str(out), "--gpus", "0", "--runner", RUNNER]) == 2
+    assert "data.path=..." in capsys.readouterr().err
+    assert not out.exists()
+    assert main_ablate([str(grid), "--out", str(out), "--gpus", "0", "--runner", RUNNER, "data.path=/d"]) == 0
+
+
+def test_one_run_per_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    grid = write_grid(tmp_path, "rows: [{label: a}, {label: b}, {label: c}, {label: d}]", name="g")
+    out = tmp_path / "runs"
+    assert main_ablate([str(grid), "--out", str(out), "--gpus", "2", "--runner", RUNNER]) == 0
+    gpus = [json.loads((out / f"g-{x}" / "seen.json").read_text())["gpu"] for x in "abcd"]
+    assert set(gpus) <= {"5", "7"}
+    assert main_ablate([str(grid), "--out", str(out), "--gpus", "3", "--runner", RUNNER]) == 2
+
+
+TABLE_GRID = """
+description: test table
+rows:
+  - {label: Sparse, name: sparse, set: {model.attention.name: llsa}, paper: {fid: 24.37, throughput: 436.4}}
+  - {label: Gone, name: gone}
+  - {label: Full, name: full, set: {model.attention.name: full}, paper: {fid: 24.91}}
+table:
+  label: attention
+  columns:
+    - {key: fid, tag: val/fid, reduce: last, header: FID}
+    - {key: throughput, tag: perf/tokens_per_s, reduce: median, scale: 1.0e-3, header: kilo tokens/s}
+    - {key: attn, config: model.attention.name}
+  plot: {x: throughput, y: fid}
+"""
+
+
+def _write_events(run_dir: Path, fids: dict[int, float], throughput: np.ndarray) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    # two event files in nested folders, as a restarted Lightning run leaves them
+    first = SummaryWriter(str(run_dir / "logs" / "version_0"))
+    second = SummaryWriter(str(run_dir / "logs" / "version_1"))
+    for i, value in enumerate(throughput):
+        (first if i % 2 else second).add_scalar("perf/tokens_per_s", float(value), i)
+    # written out of step order: `last` means the highest step, not the last written
+    for step, value in sorted(fids.items(), reverse=True):
+        first.add_scalar("val/fid", value, step)
+    first.close()
+    second.close()
+
+
+def test_table_from_tensorboard_events(tmp_path, capsys):
+    grid = write_grid(tmp_path, TABLE_GRID, name="t")
+    out = tmp_path / "runs"
+    rng = np.random.default_rng(0)
+    # more points than TensorBoard's default reservoir of 10,000 keeps
+    tput_sparse = rng.uniform(3e5, 5e5, size=10_500).astype(np.float32)
+    tput_full = rng.uniform(1e5, 2e5, size=1_200).astype(np.float32)
+    _write_events(out / "t-sparse", {100: 40.0, 300: 30.5, 200: 35.0}, tput_sparse)
+    _write_events(out / "t-full", {300: 28.25}, tput_full)
+    (out / "t-sparse" / "DONE").write_text("{}")
+    (out / "t-sparse" / "config.yaml").write_text("model: {attention: {name: llsa}}\n")
+    (out / "t-full" / "config.yaml").write_text("model: {attention: {name: vsa}}\n")
+
+    assert len(read_scalars(out / "t-sparse")["perf/tokens_per_s"]) == 10_500
+    assert main_table([str(grid), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    folder = out / "t"
+    assert (folder / "table.md").read_text() in printed
+    png = folder / "fid_vs_throughput.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    rows = list(csv.DictReader((folder / "table.csv").open()))
+    assert [r["label"] for r in rows] == ["Sparse", "Gone", "Full"]
+    sparse, gone, full = rows
+    assert float(sparse["fid"]) == pytest.approx(30.5)
+    assert float(sparse["throughput"]) == pytest.approx(np.median(tput_sparse.astype(np.float64)) * 1e-3, rel=1e-9)
+    assert float(full["throughput"]) == pytest.approx(np.median(tput_full.astype(np.float64)) * 1e-3, rel=1e-9)
+    assert float(full["fid"]) == pytest.approx(28.25)
+    assert sparse["fid_paper"] == "24.37" and full["fid_paper"] == "24.91" and full["throughput_paper"] == ""
+    assert gone["fid"] == gone["throughput"] == gone["attn"] == "missing" and gone["status"] == "missing"
+    assert sparse["attn"] == "llsa" and sparse["status"] == "done"
+    assert full["status"] == "unfinished; config differs: model.attention.name=vsa"
+
+    md = (folder / "table.md").read_text().splitlines()
+    header = next(line for line in md if line.startswith("| attention"))
+    assert header.split(" | ")[:5] == ["| attention", "FID", "FID (paper)", "kilo tokens/s", "kilo tokens/s (paper)"]
+    gone_line = next(line for line in md if line.startswith("| Gone"))
+    assert gone_line.count("missing") == 4
+    assert next(line for line in md if line.startswith("| Sparse")).startswith("| Sparse | 30.50 | 24.37 |")
