@@ -7,11 +7,16 @@ from llsa.ops.llsa.validate import check_enrich, check_qk
 BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, block_size: int) -> str:
+    """``auto``: the kernels on CUDA when they support these inputs, else the reference."""
     if backend not in BACKENDS:
         raise ValueError(f"llsa: `backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        if q.device.type != "cuda":
+            return "torch"
+        from llsa.ops.llsa.interface import kernel_support
+
+        return "triton" if kernel_support(q, block_size) is None else "torch"
     return backend
 
 
@@ -36,7 +41,7 @@ def llsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
         scale = default_scale(q.shape[-1])
     args = dict(block_size=block_size, topk=topk, levels=levels, enrich_levels=enrich_levels,
                 reweight=bool(reweight), scale=float(scale))
-    if resolve_backend(backend, q.device) == "torch":
+    if resolve_backend(backend, q, block_size) == "torch":
         return llsa_attention_torch(q, k, v, **args)
     from llsa.ops.llsa.interface import llsa_attention_triton
 
