@@ -1,0 +1,244 @@
+"""Image datasets (a folder of images, Fashion-MNIST, a procedural one for tests) and the DataModule.
+
+Every dataset yields ``(image, label)``: a float image (C, H, W) in [-1, 1] at the run's resolution and
+a long label (-1 when the dataset has no classes). Datasets expose ``channels``, ``num_classes`` and
+``key`` (a short name that identifies the data for the FID statistics cache).
+"""
+import glob
+import gzip
+import hashlib
+import math
+import struct
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+# where Debian's dataset-fashion-mnist package puts the files, then torchvision's download layout
+FASHION_MNIST_SEARCH = ("/usr/share/datasets/fashion-mnist", "/usr/share/datasets/*fashion*mnist*",
+                        "data/FashionMNIST/raw")
+PROCEDURAL_SIZE = 1024
+PROCEDURAL_CLASSES = 4
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data is not where the config says; the message says how to get it."""
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8-valued images in [0, 255] -> float in [-1, 1]."""
+    return images.float() / 127.5 - 1
+
+
+def fit_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """(C, H, W) with C in {1, 3} -> ``channels`` channels (gray repeated, or RGB averaged to gray)."""
+    if x.shape[0] == channels:
+        return x
+    return x.expand(3, -1, -1).clone() if channels == 3 else x.mean(0, keepdim=True)
+
+
+class ImageFolderDataset(Dataset):
+    """Every image under ``root`` (recursively), resized so its short side is ``resolution`` and centre-cropped.
+
+    With ``class_labels`` the label is the index of the image's first-level subfolder in sorted order;
+    then every image must sit in such a subfolder.
+    """
+
+    def __init__(self, root: str | Path, resolution: int, channels: int = 3, class_labels: bool = False):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataNotFoundError(
+                f"`data.path`={str(root)!r} is not a folder. Point it at a folder of images "
+                f"({', '.join(IMAGE_EXTENSIONS)}), searched recursively; with data.class_labels=true each "
+                f"first-level subfolder is one class (root/cat/1.png, root/dog/2.jpg, ...).")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not self.files:
+            raise DataNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under `data.path`={str(root)!r}")
+        self.resolution, self.channels = resolution, channels
+        self.labels = None
+        self.classes: list[str] = []
+        if class_labels:
+            rel = [p.relative_to(self.root).parts for p in self.files]
+            loose = [str(p) for p, parts in zip(self.files, rel) if len(parts) < 2]
+            if loose:
+                raise DataNotFoundError(
+                    f"data.class_labels=true takes labels from subfolders of {str(root)!r}, but {len(loose)} "
+                    f"image(s) sit directly in it (e.g. {loose[0]!r}); move them into a class folder")
+            self.classes = sorted({parts[0] for parts in rel})
+            index = {c: i for i, c in enumerate(self.classes)}
+            self.labels = [index[parts[0]] for parts in rel]
+        self.num_classes = len(self.classes)
+        digest = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:8]
+        self.key = f"folder-{self.root.name}-{digest}-n{len(self.files)}"
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with Image.open(self.files[i]) as img:
+            img = img.convert("RGB" if self.channels == 3 else "L")
+            w, h = img.size
+            scale = self.resolution / min(w, h)
+            size = (max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale)))
+            img = img.resize(size, Image.BILINEAR)
+            left, top = (size[0] - self.resolution) // 2, (size[1] - self.resolution) // 2
+            img = img.crop((left, top, left + self.resolution, top + self.resolution))
+            arr = np.asarray(img, dtype=np.uint8).reshape(self.resolution, self.resolution, self.channels)
+        x = to_unit_range(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+        return x, torch.tensor(self.labels[i] if self.labels is not None else -1)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An array from an IDX file (the MNIST format), gzip-compressed or not."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if zero != 0 or dtype_code not in dtypes:
+        raise ValueError(f"{str(path)!r} is not an IDX file (bad magic number)")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
+    if arr.size != math.prod(shape):
+        raise ValueError(f"{str(path)!r}: header says shape {shape} but holds {arr.size} values")
+    return arr.reshape(shape).astype(arr.dtype.newbyteorder("="))
+
+
+def _has_fashion_mnist(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in FASHION_MNIST_FILES)
+
+
+def find_fashion_mnist(path: str | Path | None = None, search: tuple[str, ...] | None = None,
+                       download_root: str | Path | None = "data") -> Path:
+    """The folder holding Fashion-MNIST's four IDX files: ``path``, then ``search`` (globs allowed), then a
+    torchvision download into ``download_root`` (skipped when None). Raises DataNotFoundError saying how
+    to get the data. ``search`` defaults to ``FASHION_MNIST_SEARCH``."""
+    search = FASHION_MNIST_SEARCH if search is None else search
+    candidates = [Path(path)] if path is not None else []
+    for pattern in search:
+        candidates += [Path(p) for p in sorted(glob.glob(pattern))]
+    for folder in candidates:
+        if _has_fashion_mnist(folder):
+            return folder
+    if download_root is not None:
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            FashionMNIST(str(download_root), train=True, download=True)
+            FashionMNIST(str(download_root), train=False, download=True)
+        except Exception:  # no network, or torchvision missing: fall through to the message below
+            pass
+        folder = Path(download_root) / "FashionMNIST" / "raw"
+        if _has_fashion_mnist(folder):
+            return folder
+    looked = ([str(path)] if path is not None else []) + list(search)
+    raise DataNotFoundError(
+        "Fashion-MNIST not found (looked in " + ", ".join(looked) + ", and a download failed).\n"
+        "Get it with one of:\n"
+        "  sudo apt-get update && sudo apt-get install dataset-fashion-mnist   # Debian/Ubuntu\n"
+        f"  data.path=/folder/with/files                    # a folder holding {', '.join(FASHION_MNIST_FILES)}\n"
+        "  data.name=folder data.path=/your/images         # any folder of images instead\n"
+        "  data.name=procedural                            # synthetic images, no download (for testing)")
+
+
+class FashionMNISTDataset(Dataset):
+    """Fashion-MNIST's 60,000 training images (gray, 28x28), bilinearly resized to ``resolution``."""
+
+    num_classes = 10
+
+    def __init__(self, folder: str | Path, resolution: int, channels: int = 1, split: str = "train"):
+        folder = Path(folder)
+        prefix = {"train": "train", "test": "t10k"}[split]
+        self.images = torch.from_numpy(read_idx(folder / f"{prefix}-images-idx3-ubyte.gz"))  # [n, 28, 28] uint8
+        self.labels = torch.from_numpy(read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")).long()
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"Fashion-MNIST in {str(folder)!r}: {len(self.images)} images but {len(self.labels)} labels")
+        self.resolution, self.channels = resolution, channels
+        self.key = f"fashion_mnist-{split}"
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i].float()[None, None]  # [1, 1, 28, 28]
+        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        x = fit_channels(x[0] / 127.5 - 1, self.channels)
+        return x, self.labels[i]
+
+
+class ProceduralDataset(Dataset):
+    """Smooth synthetic images for tests: a colour gradient plus ``1 + label`` Gaussian blobs.
+
+    Image ``i`` depends only on ``(seed, i)``; its label is ``i % 4``.
+    """
+
+    num_classes = PROCEDURAL_CLASSES
+
+    def __init__(self, resolution: int, channels: int = 3, size: int = PROCEDURAL_SIZE, seed: int = 0):
+        self.resolution, self.channels, self.size, self.seed = resolution, channels, size, seed
+        self.key = f"procedural-s{seed}-n{size}"
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        label = i % PROCEDURAL_CLASSES
+        r = self.resolution
+        coords = torch.linspace(0, 1, r)
+        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+        a, b, base = torch.rand(3, self.channels, 1, 1, generator=g)
+        img = 0.5 * base + 0.25 * (a * xx + b * yy)  # [C, r, r]
+        for _ in range(1 + label):
+            cy, cx, width = torch.rand(3, generator=g)
+            color = torch.rand(self.channels, 1, 1, generator=g)
+            blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (0.05 + 0.15 * width) ** 2))
+            img = img + color * blob
+        return img.clamp(0, 1) * 2 - 1, torch.tensor(label)
+
+
+def build_dataset(data_cfg, download_root: str | Path | None = "data") -> Dataset:
+    """The training dataset a ``data`` config section describes (``channels`` may be None: the dataset's own)."""
+    name, res = data_cfg.name, data_cfg.resolution
+    if name == "fashion_mnist":
+        folder = find_fashion_mnist(data_cfg.path, download_root=download_root)
+        return FashionMNISTDataset(folder, res, channels=data_cfg.channels or 1)
+    if name == "folder":
+        return ImageFolderDataset(data_cfg.path, res, channels=data_cfg.channels or 3,
+                                  class_labels=data_cfg.class_labels)
+    if name == "procedural":
+        return ProceduralDataset(res, channels=data_cfg.channels or 3)
+    raise ValueError(f"`data.name` must be fashion_mnist, folder or procedural, got {name!r}")
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Shuffled, drop-last batches of ``(images, labels)`` from :func:`build_dataset`.
+
+    Under DDP, Lightning swaps in a DistributedSampler, so each rank sees its own shard.
+    """
+
+    def __init__(self, data_cfg, dataset: Dataset | None = None):
+        super().__init__()
+        self.cfg = data_cfg
+        self.dataset = dataset
+
+    def setup(self, stage: str | None = None):
+        if self.dataset is None:
+            self.dataset = build_dataset(self.cfg)
+
+    def train_dataloader(self):
+        if len(self.dataset) < self.cfg.batch_size:
+            raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than `data.batch_size`="
+                             f"{self.cfg.batch_size}; lower data.batch_size")
+        workers = self.cfg.num_workers
+        return DataLoader(self.dataset, batch_size=self.cfg.batch_size, shuffle=True, drop_last=True,
+                          num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=torch.cuda.is_available())

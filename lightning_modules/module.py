@@ -1,0 +1,144 @@
+"""The LightningModule: flow-matching loss, AdamW, EMA weights, and a noise generator that resumes exactly.
+
+Everything with a side effect (throughput, FID, sample grids, checkpoint files) lives in callbacks; this
+module only trains. The resolved config is stored in the checkpoint, so ``load_from_checkpoint(path)``
+rebuilds the model without the original YAML.
+"""
+import contextlib
+import copy
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from llsa.flow import FlowMatching
+from llsa.models import build_dit, load_lowres_checkpoint
+from lightning_modules.config import from_container
+from lightning_modules.fid import generate, seed_of
+
+
+def build_model(cfg: DictConfig):
+    """The DiT a resolved config describes (``data.channels`` and ``model.num_classes`` filled in)."""
+    m, d = cfg.model, cfg.data
+    return build_dit(m.size, image_size=d.resolution, in_channels=d.channels, patch_size=m.patch_size,
+                     rope_size=m.rope_size, num_classes=m.num_classes, class_dropout=m.class_dropout,
+                     attention=m.attention.name, attention_options=OmegaConf.to_container(m.attention.options),
+                     reorder=m.reorder)
+
+
+def build_flow(cfg: DictConfig) -> FlowMatching:
+    f = cfg.flow
+    return FlowMatching(cfg.data.resolution, noise_rescale=f.noise_rescale, timestep_sampling=f.timestep_sampling,
+                        shift=f.shift, logit_normal_mean=f.logit_normal_mean, logit_normal_std=f.logit_normal_std)
+
+
+def ema_decay_at(step: int, max_decay: float, warmup: bool) -> float:
+    """EMA decay after ``step`` optimizer steps: diffusers' warm-up ``1 - (1 + step)^(-3/4)`` (inv_gamma=1,
+    power=3/4, the paper's setting) capped at ``max_decay``, or ``max_decay`` throughout without warm-up."""
+    if not warmup:
+        return max_decay
+    return min(max_decay, 1 - (1 + step) ** -0.75)
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> str:
+    """``train.precision``, with ``"auto"`` meaning bf16-mixed on a GPU and 32-true on the CPU."""
+    if precision == "auto":
+        return "bf16-mixed" if on_gpu else "32-true"
+    return precision
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains ``model`` with the flow-matching loss; ``ema`` is the weight average used for every evaluation."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        # a plain dict, so the checkpoint's hyper-parameters need no omegaconf classes to load
+        self.save_hyperparameters({"config": config})
+        self.cfg = from_container(config)
+        self.model = build_model(self.cfg)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.flow = build_flow(self.cfg)
+        self.generator: torch.Generator | None = None
+        self._generator_state: torch.Tensor | None = None
+
+    def init_from(self, path: str) -> None:
+        """Start from the EMA weights of a (lower-resolution) run's checkpoint, for both model and EMA."""
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        load_lowres_checkpoint(self.model, state, prefix="ema.")
+        self.ema.load_state_dict(self.model.state_dict())
+
+    @property
+    def conditional(self) -> bool:
+        return self.cfg.model.num_classes > 0
+
+    def on_fit_start(self):
+        # One noise stream per rank, on the training device; restored from the checkpoint when resuming.
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed_of(self.cfg.run.seed, self.global_rank))
+        if self._generator_state is not None:
+            self.generator.set_state(self._generator_state)
+            self._generator_state = None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.flow.loss(self.model, x, self.generator, y=y if self.conditional else None)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs):
+        # Update the EMA right after each optimizer step, before any callback (checkpoint, FID) sees the step.
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self):
+        t = self.cfg.train
+        # global_step still counts the previous steps here: 0 at the first update, which copies the weights
+        decay = ema_decay_at(self.global_step, t.ema_decay, t.ema_warmup)
+        ema_params = list(self.ema.parameters())
+        params = [p.detach() for p in self.model.parameters()]
+        # ema <- decay * ema + (1 - decay) * param
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+        for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
+            b_ema.copy_(b)
+
+    def configure_optimizers(self):
+        t = self.cfg.train
+        opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                                weight_decay=t.weight_decay)
+        warmup = t.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        if self.generator is not None:
+            checkpoint["noise_generator"] = self.generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint):
+        self._generator_state = checkpoint.get("noise_generator")
+
+    def train(self, mode: bool = True):
+        # The EMA copy only ever evaluates, whatever mode the trainer puts the module in.
+        super().train(mode)
+        self.ema.eval()
+        return self
+
+    def eval_autocast(self):
+        """The autocast that training used, for sampling outside the trainer's forward context."""
+        precision = resolve_precision(self.cfg.train.precision, self.device.type == "cuda")
+        if self.device.type == "cuda" and precision in ("bf16-mixed", "16-mixed"):
+            return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def sample(self, indices, seed: int | None = None, batch_size: int = 64, progress: bool = False):
+        """EMA samples in [0, 1], one image per index, noise seeded per index (see ``fid.sample_noise``), with
+        the config's ``flow`` sampling settings; ``seed`` defaults to ``eval.sample_seed``."""
+        f, d = self.cfg.flow, self.cfg.data
+        shape = (d.channels, d.resolution, d.resolution)
+        batches = generate(self.ema, self.flow, indices, shape, self.cfg.eval.sample_seed if seed is None else seed,
+                           batch_size=batch_size, steps=f.sample_steps, sampler=f.sampler,
+                           num_classes=self.cfg.model.num_classes, cfg_scale=f.cfg_scale, device=self.device,
+                           progress=progress)
+        with self.eval_autocast():
+            return torch.cat([images.float() for images in batches])

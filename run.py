@@ -1,0 +1,112 @@
+"""LLSA Lab command line.
+
+    python run.py [fit] [CONFIG.yaml] [key=value ...]    train (the embedded default with no arguments)
+    python run.py sample CKPT [--out PNG] [key=value ...]  a grid of EMA samples (eval.grid_size, flow.*)
+    python run.py fid CKPT [key=value ...]               FID of a checkpoint (eval.fid_samples, ...)
+    python run.py bench [...]                            attention kernel benchmark (ablations/bench.py)
+    python run.py ablate GRID [...]                      run an ablation grid (ablations/grid.py)
+    python run.py table GRID [...]                       tabulate an ablation grid (ablations/table.py)
+
+Overrides use dotted keys of the config schema (lightning_modules/config.py), for example
+``python run.py fit configs/experiments/fmnist64_dits.yaml model.attention.options.topk=16 train.max_steps=100``.
+"""
+import argparse
+import importlib
+import os
+import sys
+
+import torch
+
+# Without a GPU, Triton kernels (backend=triton) can only run under the interpreter, which must be chosen
+# before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+COMMANDS = ("fit", "sample", "fid", "bench", "ablate", "table")
+FORWARDED = {"bench": ("ablations.bench", "main"), "ablate": ("ablations.grid", "main_ablate"),
+             "table": ("ablations.table", "main_table")}
+
+
+def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG.yaml] key=value ...`` -> (config path or None, overrides)."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def cmd_fit(args: list[str]) -> int:
+    from lightning_modules.config import load_config
+    from lightning_modules.train import fit
+
+    path, overrides = split_config_args(args)
+    summary = fit(load_config(path, overrides))
+    if summary["is_global_zero"]:
+        print(f"\nRun folder: {summary['run_dir']} (config.yaml, log.txt, tb/, samples/, checkpoints/)")
+        if summary["fid"] is not None:
+            print(f"Final FID at step {summary['global_step']}: {summary['fid']:.2f}")
+        perf = summary["throughput"]
+        if perf:
+            print(f"Throughput: {perf['perf/tokens_per_s']:,.0f} pixel tokens/s, {perf['perf/images_per_s']:.1f} "
+                  f"images/s, {perf['perf/step_ms']:.0f} ms/step, peak memory {perf['perf/peak_mem_gb']:.2f} GiB")
+        if summary["grid"]:
+            print(f"Samples: {summary['grid']}")
+        print(f"Checkpoint: {summary['last_ckpt']}  (resume with train.ckpt_path=last)")
+    return 0
+
+
+def cmd_sample(args: list[str]) -> int:
+    from lightning_modules.train import sample_checkpoint
+
+    parser = argparse.ArgumentParser(prog="run.py sample", description="PNG grid of EMA samples from a checkpoint")
+    parser.add_argument("ckpt")
+    parser.add_argument("--out", help="PNG path (default: next to the run's other sample grids)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.grid_size=64 flow.sample_steps=50")
+    ns = parser.parse_intermixed_args(args)
+    print(f"Samples: {sample_checkpoint(ns.ckpt, ns.out, ns.overrides)}")
+    return 0
+
+
+def cmd_fid(args: list[str]) -> int:
+    from lightning_modules.train import fid_checkpoint
+
+    parser = argparse.ArgumentParser(prog="run.py fid", description="FID of a checkpoint's EMA weights")
+    parser.add_argument("ckpt")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.fid_samples=10000 data.path=/data/ffhq")
+    ns = parser.parse_intermixed_args(args)
+    print(f"FID: {fid_checkpoint(ns.ckpt, ns.overrides):.3f}")
+    return 0
+
+
+def cmd_forward(command: str, args: list[str]) -> int:
+    module_name, function = FORWARDED[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name not in (module_name, module_name.split(".")[0]):
+            raise
+        print(f"run.py {command}: {module_name.replace('.', '/')}.py is not available in this checkout", file=sys.stderr)
+        return 2
+    return getattr(module, function)(args) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lightning_modules.config import ConfigError
+    from lightning_modules.data import DataNotFoundError
+    from lightning_modules.fid import FIDWeightsError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "fit"
+    try:
+        if command in FORWARDED:
+            return cmd_forward(command, argv)
+        return {"fit": cmd_fit, "sample": cmd_sample, "fid": cmd_fid}[command](argv)
+    except (ConfigError, DataNotFoundError, FIDWeightsError) as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Training: a short fit with every registered attention, exact resume, throughput counts, the run commands."""
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+import run
+from llsa.attention import ATTENTIONS
+from lightning_modules.callbacks import ThroughputMonitor
+from lightning_modules.config import load_config
+from lightning_modules.data import ProceduralDataset
+from lightning_modules.module import DiffusionModule, ema_decay_at
+from lightning_modules.train import fit
+
+# Tiny sparse settings for 8x8 images (64 pixel tokens): blocks of 4 tokens, 2 picked.
+SMALL_OPTIONS = {"block_size": 4, "topk": 2, "backend": "torch"}
+
+
+def tiny_config(tmp_path, name, attention="full", batch_size=2, **extra):
+    _, options_cls = ATTENTIONS[attention]
+    fields = {f.name for f in dataclasses.fields(options_cls)}
+    overrides = [
+        f"run.out_dir={tmp_path}", f"run.name={name}", "data.name=procedural", "data.resolution=8",
+        f"data.batch_size={batch_size}", "data.num_workers=0", "model.patch_size=1", f"model.attention.name={attention}",
+        "train.log_every=1", "train.warmup_perf_steps=0", "eval.fid_samples=0", "eval.grid_size=2",
+        "eval.fid_batch_size=2", "flow.sample_steps=1",
+    ]
+    overrides += [f"model.attention.options.{k}={v}" for k, v in SMALL_OPTIONS.items() if k in fields]
+    overrides += [f"{k}={v}" for k, v in extra.items()]
+    return load_config(None, overrides)
+
+
+@pytest.mark.parametrize("attention", sorted(ATTENTIONS))
+def test_fit_runs_with_every_attention(tmp_path, attention):
+    summary = fit(tiny_config(tmp_path, attention, attention, **{"train.max_steps": 2}), progress=False)
+    run_dir = tmp_path / attention
+    assert summary["global_step"] == 2
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert Image.open(summary["grid"]).size == (2 * 9 + 1, 9 + 1)  # 2 images of 8 px, 1 px padding
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 and "noise_generator" in ckpt
+    state = ckpt["state_dict"]
+    # EMA tracked the trained weights (first update copies, second blends), which moved from their init
+    ema_keys = [k for k in state if k.startswith("ema.")]
+    assert ema_keys and any(not torch.equal(state[k], state["model." + k[4:]]) for k in ema_keys)
+    assert torch.isfinite(torch.stack([v.float().abs().sum() for v in state.values()])).all()
+
+
+def test_resume_from_last_continues_exactly(tmp_path):
+    # One image in batches of one: every step sees the same data whatever the loader's shuffling (which
+    # Lightning does not replay mid-epoch), so the runs must agree.
+    data = ProceduralDataset(8, size=1)
+    fit(tiny_config(tmp_path, "straight", batch_size=1, **{"train.max_steps": 4, "train.ckpt_every": 2}), dataset=data,
+        progress=False)
+    fit(tiny_config(tmp_path, "resumed", batch_size=1, **{"train.max_steps": 2, "train.ckpt_every": 2}), dataset=data,
+        progress=False)
+    summary = fit(tiny_config(tmp_path, "resumed", batch_size=1, **{"train.max_steps": 4, "train.ckpt_every": 2,
+                                                      "train.ckpt_path": "last"}), dataset=data, progress=False)
+    assert summary["global_step"] == 4
+    ckpts = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"]
+
+    a, b = (torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+            for name in ("straight", "resumed"))
+    assert a["global_step"] == b["global_step"] == 4
+    assert torch.equal(a["noise_generator"], b["noise_generator"])
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], atol=1e-6, rtol=1e-5, msg=key)
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for i in opt_a:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_a[i][name], opt_b[i][name], atol=1e-7, rtol=1e-5)
+
+    # the run commands work from that checkpoint alone
+    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "grid.png"
+    assert run.main(["sample", str(last), "--out", str(out), "eval.grid_size=4", "flow.sampler=heun"]) == 0
+    assert Image.open(out).size == (2 * 9 + 1, 2 * 9 + 1)
+    assert run.main(["fid", str(last), "eval.fid_samples=4", "eval.fid_ref_max=6", "eval.fid_features=tiny"]) == 0
+
+
+def test_init_from_copies_the_lowres_ema(tmp_path):
+    fit(tiny_config(tmp_path, "low", **{"train.max_steps": 1}), progress=False)
+    path = tmp_path / "low" / "checkpoints" / "last.ckpt"
+    cfg = tiny_config(tmp_path, "high", **{"data.resolution": 16, "data.channels": 3})
+    module = DiffusionModule(OmegaConf.to_container(cfg))
+    module.init_from(str(path))
+    source = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    for key, value in module.model.state_dict().items():
+        torch.testing.assert_close(value, source["ema." + key])
+        torch.testing.assert_close(module.ema.state_dict()[key], value)
+
+
+def test_ema_decay_warmup():
+    assert ema_decay_at(0, 0.9999, True) == 0.0
+    assert ema_decay_at(1, 0.9999, True) == pytest.approx(1 - 2 ** -0.75)
+    assert ema_decay_at(10 ** 9, 0.9999, True) == 0.9999
+    assert ema_decay_at(0, 0.99, False) == 0.99
+
+
+def test_throughput_counts_pixel_tokens_after_warmup(monkeypatch):
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    trainer = SimpleNamespace(global_step=0, world_size=2, is_global_zero=True, loggers=[logger])
+    module = SimpleNamespace(device=torch.device("cpu"))
+    clock = iter(range(0, 1000, 2))  # every step takes exactly 2 "seconds"
+    monkeypatch.setattr("lightning_modules.callbacks.time.perf_counter", lambda: next(clock))
+    monitor = ThroughputMonitor(warmup_steps=3, log_every=4)
+    batch = (torch.zeros(5, 1, 6, 7), torch.zeros(5))
+    for step in range(1, 9):
+        monitor.on_train_batch_start(trainer, module, batch, step - 1)
+        trainer.global_step = step
+        monitor.on_train_batch_end(trainer, module, None, batch, step - 1)
+    # steps 4..8 are timed; each is 5 images per rank x 2 ranks of 6 x 7 pixels
+    assert monitor.steps == 5 and monitor.images == 50 and monitor.tokens == 50 * 42
+    summary = monitor.summary()
+    assert summary["perf/tokens_per_s"] == pytest.approx(50 * 42 / 10)
+    assert summary["perf/images_per_s"] == pytest.approx(5.0)
+    assert summary["perf/step_ms"] == pytest.approx(2000.0)
+    # logged at steps 4 (one timed step) and 8 (steps 5..8)
+    assert [step for step, _ in logged] == [4, 8]
+    assert logged[0][1]["perf/tokens_per_s"] == pytest.approx(10 * 42 / 2)
+    assert logged[1][1]["perf/tokens_per_s"] == pytest.approx(40 * 42 / 8)
+    assert logged[1][1]["perf/peak_mem_gb"] > 0
+
+
+def test_class_conditional_fit_takes_the_class_count_from_the_data(tmp_path):
+    summary = fit(tiny_config(tmp_path, "cond", **{"train.max_steps": 1, "data.class_labels": "true",
+                                                   "flow.cfg_scale": 2.0}), progress=False)
+    saved = load_config(tmp_path / "cond" / "config.yaml")
+    assert saved.model.num_classes == 4 and saved.data.channels == 3
+    module = DiffusionModule(OmegaConf.to_container(saved))
+    assert module.model.y_embed.num_embeddings == 5  # 4 classes + the null class
+    assert Image.open(summary["grid"]).size == (2 * 9 + 1, 9 + 1)
