@@ -18,7 +18,6 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from cleanfid.fid import frechet_distance as cleanfid_frechet_distance
 from cleanfid.resize import build_resizer
 from tqdm.auto import tqdm
 
@@ -139,8 +138,22 @@ def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    return float(cleanfid_frechet_distance(mu1, sigma1, mu2, sigma2))
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))``, computed as clean-fid computes it.
+
+    clean-fid 0.1.35's own function passes ``disp=False`` to ``scipy.linalg.sqrtm``, which newer SciPy
+    (the GPU machines' among them) no longer accepts; plain ``sqrtm`` returns the root in every version.
+    """
+    from scipy import linalg
+
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        # a singular product: offset both covariances a little, as clean-fid does
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    covmean = np.real(covmean)
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def seed_of(*keys: int) -> int:

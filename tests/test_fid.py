@@ -121,3 +121,15 @@ def test_fid_under_ddp_matches_one_process(tmp_path):
     single = fid_checkpoint(tmp_path / "runs" / "default" / "checkpoints" / "last.ckpt",
                             [f"run.out_dir={tmp_path / 'single'}"])
     assert logged.value == pytest.approx(single, rel=1e-5)
+
+
+def test_frechet_distance_matches_clean_fid():
+    """Our distance is clean-fid's formula (kept in-house because clean-fid's call breaks on newer SciPy)."""
+    from cleanfid.fid import frechet_distance as clean
+
+    from lightning_modules.fid import frechet_distance, statistics
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 16)), rng.normal(loc=0.3, size=(200, 16)) * 1.5
+    (m1, s1), (m2, s2) = statistics(a), statistics(b)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(float(clean(m1, s1, m2, s2)), rel=1e-6)
