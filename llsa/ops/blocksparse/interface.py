@@ -12,8 +12,9 @@ import triton
 from llsa.ops.blocksparse.kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _count_kernel, _fill_kernel, _fwd_kernel
 
 LOG2E = 1.4426950408889634
-# tests switch this on: every buffer a kernel should fully overwrite starts as NaN
-POISON = False
+# Tests set LLSA_POISON=1 (as for the LLSA kernels): every buffer a kernel should fully overwrite starts
+# as NaN.
+POISON = os.environ.get("LLSA_POISON") == "1"
 
 
 def _interpreting() -> bool:
