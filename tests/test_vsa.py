@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from baseline_checks import assert_modules_agree, grads, rand
 from llsa.attention import build
 from llsa.ops.blocksparse import interface as bs_interface
 from llsa.ops.blocksparse import topk_blocks
@@ -16,10 +17,6 @@ from llsa.ops.vsa.naive import vsa_coarse
 def test_kernel_outputs_are_poisoned_under_test():
     """conftest sets LLSA_POISON=1: kernel outputs start as NaN, so a row no kernel writes fails."""
     assert bs_interface.POISON
-
-
-def rand(gen, *shape, dtype=torch.float32, device="cpu", scale=1.0, shift=0.0):
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(device, dtype)
 
 
 def pool_matrix(n, block_size):
@@ -48,10 +45,6 @@ def dense_vsa(q, k, v, gate, block_size, topk):
     o_fine = F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask)
     o_coarse = (torch.softmax(s, -1) @ pv)[..., blk, :]
     return o_fine + gate * o_coarse
-
-
-def grads(out, inputs, do):
-    return torch.autograd.grad(out, inputs, do)
 
 
 @pytest.mark.parametrize("n,topk", [(50, 2), (48, 1), (37, 5)])
@@ -130,21 +123,8 @@ def test_triton_matches_reference(device, dtype, n, topk, hot):
         _, sel = vsa_coarse(q, k, v, block_size=16, topk=topk, scale=d ** -0.5)
         assert (sel == 1).any(-1).all(), "the test needs every query block to pick key block 1"
 
-    # the reference runs in float32 on the low-precision values
-    q, k, v = (t.to(dtype).float().requires_grad_() for t in (q, k, v))
-    ref = torch_mod(q, k, v, x)
-    qd, kd, vd = (t.detach().to(device, dtype).requires_grad_() for t in (q, k, v))
-    out = triton_mod(qd, kd, vd, x.to(device))
-    assert out.dtype == dtype
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(out.float().cpu(), ref, **tol)
-
-    do = rand(gen, *ref.shape)
-    ref_g = grads(ref, (q, k, v, *torch_mod.parameters()), do)
-    out_g = grads(out, (qd, kd, vd, *triton_mod.parameters()), do.to(device, dtype))
-    for name, g, g_ref in zip(("dq", "dk", "dv", "dgate_w", "dgate_b"), out_g, ref_g):
-        assert torch.isfinite(g).all(), name
-        torch.testing.assert_close(g.float().cpu(), g_ref, **tol, msg=lambda m: f"{name}: {m}")
+    assert_modules_agree(torch_mod, triton_mod, q, k, v, x, dtype=dtype, device=device, gen=gen, low_tol=1e-2,
+                         param_names=("dgate_w", "dgate_b"))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from llsa.ops.blocksparse.validate import check_block_options, check_qkv, resolve_backend
+from llsa.ops.blocksparse.validate import check_block_options, resolve_backend
+from llsa.ops.validate import check_tensors
 from llsa.ops.sla.naive import EPS, FEATURE_MAPS, sla_attention_torch
 
 
@@ -22,7 +23,7 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight
     with ``proj_weight`` (D, D) and ``proj_bias`` (D,) applied per head in float32 (``proj_weight=None``:
     identity). ``backend`` as in ``vsa_attention``. Returns q's shape and dtype.
     """
-    check_qkv("sla", q, k, v)
+    check_tensors("sla", q=q, k=k, v=v)
     check_block_options("sla", block_size, topk)
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"sla: `feature_map` must be one of {FEATURE_MAPS}, got {feature_map!r}")

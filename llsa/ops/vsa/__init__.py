@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from llsa.ops.blocksparse.validate import check_block_options, check_qkv, resolve_backend
+from llsa.ops.blocksparse.validate import check_block_options, resolve_backend
+from llsa.ops.validate import check_tensors
 from llsa.ops.vsa.naive import vsa_attention_torch
 
 
@@ -21,7 +22,7 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch
     ``backend``: ``"torch"`` (any device and dtype), ``"triton"`` (CUDA, or CPU under
     ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton on CUDA). Returns q's shape and dtype.
     """
-    check_qkv("vsa", q, k, v)
+    check_tensors("vsa", q=q, k=k, v=v)
     check_block_options("vsa", block_size, topk)
     if gate is not None and gate.shape != q.shape:
         raise ValueError(f"vsa: `gate` must have q's shape {tuple(q.shape)} (batch, heads, N, D), "
