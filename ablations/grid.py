@@ -41,6 +41,11 @@ or interrupted run with the same overrides is launched again in its folder with 
 events of both attempts by step. A run whose recorded overrides differ from the current ones, or a folder
 the runner did not start, is *stale*: it is renamed ``{run}.prev-<k>`` and trained from scratch, so that
 its TensorBoard events never mix into the table.
+
+Several grids can run in one call (``run.py ablate A.yaml B.yaml``), sharing the GPUs. A run whose base
+and overrides equal those of an earlier run of the call, or of a finished run already in ``{out}``, is
+not trained twice: ``{out}/{run}`` becomes a symbolic link to that run's folder (Table 2's full-attention
+row at 64x64 is Table 1a's, for instance), and both tables read the same events.
 """
 from __future__ import annotations
 
@@ -354,6 +359,52 @@ def _recorded_overrides(run: Run) -> dict[str, str]:
     return {k: format_value(v) for k, v in run.overrides.items()}
 
 
+def _identity(grid: Grid, run: Run) -> str:
+    """What makes two runs the same training: the base config and every override (not the run's name)."""
+    return json.dumps([str(grid.base) if grid.base else None, _recorded_overrides(run)], sort_keys=True)
+
+
+def _finished_runs(out: Path) -> dict[str, str]:
+    """Identity -> folder name of every finished run in ``out`` that is a real folder, not a link."""
+    found: dict[str, str] = {}
+    if not out.is_dir():
+        return found
+    for run_dir in sorted(out.iterdir()):
+        done = read_marker(run_dir, DONE) if run_dir.is_dir() and not run_dir.is_symlink() else None
+        started = read_marker(run_dir, STARTED) or {}
+        if done and "overrides" in done:
+            base = started.get("base")
+            found.setdefault(json.dumps([base, done["overrides"]], sort_keys=True), run_dir.name)
+    return found
+
+
+def _pixels(run: Run) -> int:
+    """Pixels per image if the run's overrides set ``data.resolution`` (an int or [H, W]), else 0."""
+    res = run.overrides.get("data.resolution")
+    if isinstance(res, int):
+        return res * res
+    if isinstance(res, (list, tuple)) and len(res) == 2 and all(isinstance(r, int) for r in res):
+        return res[0] * res[1]
+    return 0
+
+
+def shared_runs(grids: list[Grid], out: Path) -> dict[str, str]:
+    """Run name -> the name of the run it repeats (earlier in ``grids``, or finished in ``out``).
+
+    Only a run without a folder of its own (or already such a link) is shared.
+    """
+    owner = _finished_runs(out)
+    shared: dict[str, str] = {}
+    for grid in grids:
+        for run in grid.runs:
+            key = _identity(grid, run)
+            first = owner.setdefault(key, run.name)
+            own = out / run.name
+            if first != run.name and (own.is_symlink() or not own.exists()):
+                shared[run.name] = first
+    return shared
+
+
 def run_state(run: Run, out: Path) -> str:
     """``done`` (skip), ``failed`` / ``partial`` (resume in place), ``stale`` (move aside, restart) or ``new``."""
     run_dir = out / run.name
@@ -416,33 +467,47 @@ def _fmt_seconds(s: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def run_grid(grid: Grid, out: str | os.PathLike, *, gpus: str = "auto", runner: list[str] | None = None,
-             dry_run: bool = False, echo=print) -> int:
-    """Train every unfinished run of ``grid`` into ``out``; returns 1 if any run failed, else 0."""
+def run_grid(grids: Grid | list[Grid], out: str | os.PathLike, *, gpus: str = "auto",
+             runner: list[str] | None = None, dry_run: bool = False, echo=print) -> int:
+    """Train every unfinished run of ``grids`` into ``out``; returns 1 if any run failed, else 0."""
+    grids = [grids] if isinstance(grids, Grid) else list(grids)
+    names = [run.name for grid in grids for run in grid.runs]
+    if len(set(names)) != len(names):
+        raise GridError("two grids of this call name the same run; give each grid its own `name:`")
     out = Path(out).resolve()
     runner = list(runner) if runner else default_runner()
-    states = {run.name: run_state(run, out) for run in grid.runs}
-    todo = [run for run in grid.runs if states[run.name] != "done"]
+    grid_of = {run.name: grid for grid in grids for run in grid.runs}
+    all_runs = [run for grid in grids for run in grid.runs]
+    shared = shared_runs(grids, out)
+    states = {run.name: run_state(run, out) for run in all_runs if run.name not in shared}
+    todo = [run for run in all_runs if run.name not in shared and states[run.name] != "done"]
+    # largest images first (a stable sort, so grid order otherwise): the short runs then fill the GPUs
+    # that finish early instead of one long run starting last
+    todo.sort(key=lambda run: -_pixels(run))
     missing = sorted({k for run in todo for k, v in run.overrides.items() if v == MISSING_VALUE})
 
     if dry_run:
-        common = [a for a in command_for(grid, grid.runs[0], out, runner) if a.split("=", 1)[0] not in
-                  {"run.name", *grid.runs[0].varied}]
-        echo(f"{grid.name}: {len(grid.runs)} runs into {out} ({len(todo)} to run)")
-        echo(f"  every run: {shlex.join(common)}")
-        for run in grid.runs:
-            own = [f"{k}={format_value(run.overrides[k])}" for k in run.varied] + [f"run.name={run.name}"]
-            echo(f"  [{states[run.name]:>7}] {run.name}: {shlex.join(own)}")
+        for grid in grids:
+            common = [a for a in command_for(grid, grid.runs[0], out, runner) if a.split("=", 1)[0] not in
+                      {"run.name", *grid.runs[0].varied}]
+            to_run = sum(run in todo for run in grid.runs)
+            echo(f"{grid.name}: {len(grid.runs)} runs into {out} ({to_run} to run)")
+            echo(f"  every run: {shlex.join(common)}")
+            for run in grid.runs:
+                own = [f"{k}={format_value(run.overrides[k])}" for k in run.varied] + [f"run.name={run.name}"]
+                state = "shared" if run.name in shared else states[run.name]
+                tail = f" (the same run as {shared[run.name]})" if run.name in shared else ""
+                echo(f"  [{state:>7}] {run.name}: {shlex.join(own)}{tail}")
         if missing:
             echo(f"  note: set {', '.join(f'{k}=...' for k in missing)} on the command line before running")
         return 0
     if missing:
-        raise GridError(f"grid {grid.name!r} needs {', '.join(missing)}: pass "
+        raise GridError(f"grid {', '.join(repr(g.name) for g in grids)} needs {', '.join(missing)}: pass "
                         f"{' '.join(f'{k}=...' for k in missing)} after the grid file")
 
     workers = resolve_gpus(gpus)
-    total = len(grid.runs)
-    index = {run.name: i + 1 for i, run in enumerate(grid.runs)}
+    total = len(all_runs)
+    index = {run.name: i + 1 for i, run in enumerate(all_runs)}
     width = len(str(total))
     lock = threading.Lock()
     results: dict[str, tuple[int, float]] = {}
@@ -452,8 +517,14 @@ def run_grid(grid: Grid, out: str | os.PathLike, *, gpus: str = "auto", runner: 
         with lock:
             echo(f"[{index[run.name]:>{width}}/{total}] {run.name}: {text}", flush=True)
 
-    for run in grid.runs:
-        if states[run.name] == "done":
+    out.mkdir(parents=True, exist_ok=True)
+    for run in all_runs:
+        if run.name in shared:
+            link = out / run.name
+            if not link.is_symlink():
+                link.symlink_to(shared[run.name], target_is_directory=True)
+            say(run, f"the same run as {shared[run.name]} (identical overrides): not trained again")
+        elif states[run.name] == "done":
             say(run, "skip (finished)")
 
     jobs: queue.Queue[Run] = queue.Queue()
@@ -468,12 +539,17 @@ def run_grid(grid: Grid, out: str | os.PathLike, *, gpus: str = "auto", runner: 
             say(run, f"stale folder (other overrides or not started by this runner) moved to {moved.name}")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / FAILED).unlink(missing_ok=True)
+        grid = grid_of[run.name]
         cmd = command_for(grid, run, out, runner)
-        (run_dir / STARTED).write_text(json.dumps({"command": cmd, "overrides": _recorded_overrides(run)},
-                                                  indent=1))
+        (run_dir / STARTED).write_text(json.dumps({"command": cmd, "overrides": _recorded_overrides(run),
+                                                   "base": str(grid.base) if grid.base else None}, indent=1))
         env = dict(os.environ)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
+        if len(workers) > 1 and "OMP_NUM_THREADS" not in env:
+            # parallel runs share the host: unbounded BLAS threads (the FID's eigendecompositions) each
+            # claiming every core slow all of them down
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(workers)))
         resumed = state in ("failed", "partial")
         say(run, ("resume" if resumed else "start") + (f" on GPU {gpu}" if gpu is not None else ""))
         start = time.monotonic()
@@ -538,20 +614,23 @@ def run_grid(grid: Grid, out: str | os.PathLike, *, gpus: str = "auto", runner: 
 
     failed = [name for name, (code, _) in results.items() if code != 0]
     skipped = total - len(todo)
-    echo(f"{grid.name}: {total} runs, {skipped} skipped (finished), {len(results) - len(failed)} done, "
+    names = " + ".join(grid.name for grid in grids)
+    echo(f"{names}: {total} runs, {skipped} skipped (finished or shared), {len(results) - len(failed)} done, "
          f"{len(failed)} failed", flush=True)
-    for run in grid.runs:
+    for run in all_runs:
         if run.name in failed:
             echo(f"  failed: {run.name} (exit {results[run.name][0]}), log: {out / run.name / LOG}")
     return 1 if failed else 0
 
 
 def main_ablate(argv: list[str]) -> int:
-    """``run.py ablate GRID [--dry-run] [--gpus N|auto] [--out DIR] [--runner CMD] [key=value ...]``."""
+    """``run.py ablate GRID [GRID ...] [--dry-run] [--gpus N|auto] [--out DIR] [--runner CMD] [key=value ...]``."""
     parser = argparse.ArgumentParser(
-        prog="run.py ablate", description="Train every run of an ablation grid (skipping finished ones).")
-    parser.add_argument("grid", help="grid YAML file, e.g. configs/ablations/table1a_small.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every run (win last)")
+        prog="run.py ablate",
+        description="Train every run of one or more ablation grids (skipping finished and repeated runs).")
+    parser.add_argument("args", nargs="+", metavar="GRID|key=value",
+                        help="grid YAML files (e.g. configs/ablations/table1a_small.yaml), then dotted.key=value "
+                             "overrides applied to every run (win last)")
     parser.add_argument("--out", default="runs", help="folder of the runs (default: runs)")
     parser.add_argument("--gpus", default="auto",
                         help="parallel runs, one GPU each; 'auto' = one per visible GPU; 0 = one at a time, "
@@ -565,9 +644,13 @@ def main_ablate(argv: list[str]) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     try:
-        grid = load_grid(args.grid, parse_overrides(args.overrides))
+        files = [a for a in args.args if "=" not in a]
+        overrides = parse_overrides([a for a in args.args if "=" in a])
+        if not files:
+            raise GridError("name at least one grid file, e.g. configs/ablations/table1a_small.yaml")
+        grids = [load_grid(f, overrides) for f in files]
         runner = shlex.split(args.runner) if args.runner else None
-        return run_grid(grid, args.out, gpus=args.gpus, runner=runner, dry_run=args.dry_run)
+        return run_grid(grids, args.out, gpus=args.gpus, runner=runner, dry_run=args.dry_run)
     except GridError as err:
         print(f"run.py ablate: error: {err}", file=sys.stderr)
         return 2

@@ -203,7 +203,7 @@ def test_failed_run_is_reported_and_the_rest_go_on_then_finished_runs_are_skippe
     printed = capsys.readouterr().out
     assert sorted(_calls(out)) == ["g-a", "g-bad", "g-c"]
     assert "FAILED (exit 3)" in printed and str(out / "g-bad" / "log.txt") in printed
-    assert "3 runs, 0 skipped (finished), 2 done, 1 failed" in printed
+    assert "3 runs, 0 skipped (finished or shared), 2 done, 1 failed" in printed
     assert "fake training g-bad" in (out / "g-bad" / "log.txt").read_text()
     assert json.loads((out / "g-bad" / "FAILED").read_text())["exit_code"] == 3
     assert (out / "g-a" / "DONE").is_file() and (out / "g-c" / "DONE").is_file()
@@ -217,7 +217,7 @@ def test_failed_run_is_reported_and_the_rest_go_on_then_finished_runs_are_skippe
     assert (out / "g-bad" / "log.txt").read_text().count("fake training g-bad") == 2
     assert json.loads((out / "g-bad" / "seen.json").read_text())["args"]["train.ckpt_path"] == "last"
     assert not list(out.glob("*.prev-*"))
-    assert "2 skipped (finished)" in capsys.readouterr().out
+    assert "2 skipped (finished or shared)" in capsys.readouterr().out
 
 
 def test_hand_made_finished_run_is_skipped_and_changed_overrides_rerun(tmp_path):
@@ -236,6 +236,42 @@ def test_hand_made_finished_run_is_skipped_and_changed_overrides_rerun(tmp_path)
     assert sorted(_calls(out)) == ["g-bad", "g-c"]
     assert (out / "g-c.prev-1" / "DONE").is_file() and (out / "g-bad.prev-1").is_dir()
     assert [run_state(r, out) for r in grid.runs] == ["done", "failed", "done"]
+
+
+def test_two_grids_in_one_call_train_a_repeated_run_once(tmp_path, capsys):
+    first = write_grid(tmp_path, """
+overrides: {train.max_steps: 3}
+rows:
+  - {label: small, set: {data.resolution: 16, model.attention.name: full}}
+  - {label: big, set: {data.resolution: 64, model.attention.name: full}}
+""", name="g1")
+    second = write_grid(tmp_path, """
+overrides: {train.max_steps: 3, model.attention.name: full}
+rows:
+  - {label: same, set: {data.resolution: 64}}
+  - {label: other, set: {data.resolution: 32}}
+""", name="g2")
+    out = tmp_path / "runs"
+    argv = [str(first), str(second), "--out", str(out), "--gpus", "0", "--runner", RUNNER, "data.path=/x"]
+    assert main_ablate(argv) == 0
+    printed = capsys.readouterr().out
+    # largest images first; g2-same repeats g1-big, so it is a link, not a fourth training
+    assert _calls(out) == ["g1-big", "g2-other", "g1-small"]
+    assert (out / "g2-same").is_symlink() and (out / "g2-same").resolve() == (out / "g1-big").resolve()
+    assert (out / "g2-same" / "DONE").is_file()
+    assert "g2-same: the same run as g1-big" in printed
+    assert "4 runs, 1 skipped (finished or shared), 3 done, 0 failed" in printed
+
+    # a later call of the second grid alone finds the finished run in the folder and links to it again
+    (out / "calls.txt").unlink()
+    (out / "g2-same").unlink()
+    assert main_ablate([str(second), "--out", str(out), "--gpus", "0", "--runner", RUNNER, "data.path=/x"]) == 0
+    assert _calls(out) == [] and (out / "g2-same").is_symlink()
+    # a changed override is a different run: trained in a folder of its own
+    assert main_ablate([str(second), "--out", str(out), "--gpus", "0", "--runner", RUNNER, "data.path=/y"]) == 0
+    assert sorted(_calls(out)) == ["g2-other", "g2-same"]
+    assert not (out / "g2-same").is_symlink() and (out / "g2-same.prev-1").is_symlink()
+    assert (out / "g1-big" / "DONE").is_file()
 
 
 def test_missing_required_value_is_refused(tmp_path, capsys):

@@ -133,3 +133,7 @@ def test_frechet_distance_matches_clean_fid():
     a, b = rng.normal(size=(300, 16)), rng.normal(loc=0.3, size=(200, 16)) * 1.5
     (m1, s1), (m2, s2) = statistics(a), statistics(b)
     assert frechet_distance(m1, s1, m2, s2) == pytest.approx(float(clean(m1, s1, m2, s2)), rel=1e-6)
+    # fewer samples than features, as with 1,000 samples of 2,048 Inception features: singular covariances
+    c, d = rng.normal(size=(40, 96)), rng.normal(loc=0.1, size=(50, 96)) ** 2
+    (m3, s3), (m4, s4) = statistics(c), statistics(d)
+    assert frechet_distance(m3, s3, m4, s4) == pytest.approx(float(clean(m3, s3, m4, s4)), rel=1e-4)
