@@ -100,7 +100,38 @@ class ThroughputMonitor(Callback):
         return self._rates(self.images, self.tokens, self.steps, self.seconds, self.peak_mem_gb)
 
 
-class FIDCallback(Callback):
+class EvaluationCallback(Callback):
+    """Calls ``_run`` every ``every()`` steps (0: never during training) and once when training ends.
+    ``_run`` records the step it ran at in ``_last_step`` and does nothing twice at one step."""
+
+    def every(self) -> int:
+        raise NotImplementedError
+
+    def _run(self, trainer, pl_module):
+        raise NotImplementedError
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        every = self.every()
+        if every and trainer.global_step % every == 0:
+            self._run(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self._run(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module):
+        # A run resumed from the checkpoint of its last step (killed during its final evaluation) skips the
+        # training loop and with it on_train_end; evaluate here, on the device the teardown moved it from.
+        if not 0 < trainer.max_steps <= trainer.global_step or self._last_step == trainer.global_step:
+            return
+        device = pl_module.device
+        pl_module.to(trainer.strategy.root_device)
+        try:
+            self._run(trainer, pl_module)
+        finally:
+            pl_module.to(device)
+
+
+class FIDCallback(EvaluationCallback):
     """``val/fid`` of ``fid_samples`` EMA samples against the training data, every ``fid_every`` steps
     (0: never during training) and once at the end.
 
@@ -132,16 +163,11 @@ class FIDCallback(Callback):
         log_metrics(trainer, {"val/fid": value})
         log.info("step %d: FID %.3f (%d samples)", trainer.global_step, value, self.cfg.eval.fid_samples)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        every = self.cfg.eval.fid_every
-        if every and trainer.global_step % every == 0:
-            self._run(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        self._run(trainer, pl_module)
+    def every(self) -> int:
+        return self.cfg.eval.fid_every
 
 
-class SampleGridCallback(Callback):
+class SampleGridCallback(EvaluationCallback):
     """A grid of ``grid_size`` EMA samples from fixed seeds, every ``grid_every`` steps (0: only at the end):
     ``samples/ema`` in TensorBoard and ``samples/step_XXXXXXX.png`` in the run folder. Rank 0 only."""
 
@@ -163,13 +189,8 @@ class SampleGridCallback(Callback):
             if hasattr(experiment, "add_image"):
                 experiment.add_image("samples/ema", grid, global_step=trainer.global_step)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        every = self.cfg.eval.grid_every
-        if every and trainer.global_step % every == 0:
-            self._run(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        self._run(trainer, pl_module)
+    def every(self) -> int:
+        return self.cfg.eval.grid_every
 
 
 class StepCheckpoint(ModelCheckpoint):

@@ -49,6 +49,25 @@ def test_fit_runs_with_every_attention(tmp_path, attention):
     assert torch.isfinite(torch.stack([v.float().abs().sum() for v in state.values()])).all()
 
 
+def test_a_run_killed_during_its_final_evaluation_evaluates_when_resumed(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_modules.callbacks import EvaluationCallback
+
+    args = {"train.max_steps": 2, "eval.fid_samples": 3, "eval.fid_features": "tiny", "eval.fid_ref_max": 4}
+    with monkeypatch.context() as m:
+        # the kill: the checkpoint of the last step is written, the final FID and sample grid are not
+        m.setattr(EvaluationCallback, "on_train_end", lambda *a: None)
+        m.setattr(EvaluationCallback, "on_fit_end", lambda *a: None)
+        first = fit(tiny_config(tmp_path, "killed", **args), progress=False)
+    assert first["fid"] is None and first["grid"] is None
+    resumed = fit(tiny_config(tmp_path, "killed", **args, **{"train.ckpt_path": "last"}), progress=False)
+    assert resumed["global_step"] == 2 and resumed["fid"] is not None and Image.open(resumed["grid"])
+    events = EventAccumulator(str(tmp_path / "killed" / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("val/fid")] == [(2, pytest.approx(resumed["fid"]))]
+
+
 def test_resume_from_last_continues_exactly(tmp_path):
     # One image in batches of one: every step sees the same data whatever the loader's shuffling (which
     # Lightning does not replay mid-epoch), so the runs must agree.
