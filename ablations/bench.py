@@ -115,16 +115,28 @@ def check(method: Method, n: int, b: int, h: int, d: int, dtype) -> str | None:
     return None
 
 
-def time_method(fn, q, k, v, do) -> tuple[float, float]:
-    from triton.testing import do_bench
+def time_method(fn, q, k, v, do, graph: bool = False) -> dict[str, float | str]:
+    """Median ms of forward and forward+backward; with ``graph``, also replayed from a CUDA graph, which
+    takes the host (Python, launches) out of the time and leaves the GPU's own."""
+    from triton.testing import do_bench, do_bench_cudagraph
 
-    fwd = do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
+    def fwd():
+        fn(q, k, v)
 
     def step():
         fn(q, k, v).backward(do)
 
-    both = do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
-    return fwd, both
+    out: dict[str, float | str] = {
+        "fwd_ms": do_bench(fwd, warmup=25, rep=100, return_mode="median"),
+        "fwdbwd_ms": do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")}
+    if graph:
+        for key, f, grads in (("fwd_graph_ms", fwd, None), ("fwdbwd_graph_ms", step, [q, k, v])):
+            try:
+                out[key] = do_bench_cudagraph(f, rep=100, grad_to_none=grads, return_mode="median")
+            except Exception as err:  # a capture failure is a finding to report, not a crash
+                out[key] = f"capture failed: {type(err).__name__}"
+                torch.cuda.synchronize()
+    return out
 
 
 def device_line() -> str:
@@ -146,6 +158,8 @@ def parse(argv):
     p.add_argument("--levels", type=int, default=None, help="LLSA levels (default: the spec's rule per N)")
     p.add_argument("--methods", nargs="+", default=["llsa", "vsa", "sla"],
                    help="sparse methods to time beside SDPA (llsa, vsa, sla)")
+    p.add_argument("--cudagraph", action="store_true",
+                   help="also time every method replayed from a CUDA graph (GPU time without host overhead)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.csv and bench.png")
     return p.parse_args(argv)
 
@@ -181,13 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype).requires_grad_() for _ in range(3))
         do = torch.randn_like(q)
         dense = 4 * b * h * n * n * d
-        t_fwd, t_both = time_method(sdpa, q, k, v, do)
-        rows.append(dict(n=n, method="sdpa", levels="", keys=n, fwd_ms=t_fwd, fwdbwd_ms=t_both,
-                         fwd_speedup=1.0, fwdbwd_speedup=1.0, fwd_tflops_exec=dense / t_fwd / 1e9,
-                         fwd_tflops_dense=dense / t_fwd / 1e9,
-                         fwdbwd_tflops_exec=3.5 * dense / t_both / 1e9,
-                         fwdbwd_tflops_dense=3.5 * dense / t_both / 1e9))
-        sdpa_fwd, sdpa_both = t_fwd, t_both
+        base = time_method(sdpa, q, k, v, do, args.cudagraph)
+        rows.append(dict(n=n, method="sdpa", levels="", keys=n, **base,
+                         **_rates(base, base, executed=dense, dense=dense)))
         print(_row_line(rows[-1]), flush=True)
         for m in methods:
             try:
@@ -197,20 +207,15 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(dict(n=n, method=m.name, levels="", keys="", fwd_ms="failed",
                                      fwdbwd_ms="failed"))
                     continue
-                t_fwd, t_both = time_method(m.run, q, k, v, do)
+                times = time_method(m.run, q, k, v, do, args.cudagraph)
             except torch.OutOfMemoryError:
                 print(f"bench: {m.name} at N={n} ran out of GPU memory")
                 rows.append(dict(n=n, method=m.name, levels="", keys="", fwd_ms="oom", fwdbwd_ms="oom"))
                 torch.cuda.empty_cache()
                 continue
             keys = m.keys_per_query(n)
-            executed = 4 * b * h * n * keys * d
             rows.append(dict(n=n, method=m.name, levels=levels_for(n) if m.name == "llsa" else "", keys=keys,
-                             fwd_ms=t_fwd, fwdbwd_ms=t_both, fwd_speedup=sdpa_fwd / t_fwd,
-                             fwdbwd_speedup=sdpa_both / t_both, fwd_tflops_exec=executed / t_fwd / 1e9,
-                             fwd_tflops_dense=dense / t_fwd / 1e9,
-                             fwdbwd_tflops_exec=3.5 * executed / t_both / 1e9,
-                             fwdbwd_tflops_dense=3.5 * dense / t_both / 1e9))
+                             **times, **_rates(times, base, executed=4 * b * h * n * keys * d, dense=dense)))
             print(_row_line(rows[-1]), flush=True)
         del q, k, v, do
         torch.cuda.empty_cache()
@@ -219,7 +224,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COLUMNS = ["n", "method", "levels", "keys", "fwd_ms", "fwdbwd_ms", "fwd_speedup", "fwdbwd_speedup",
-           "fwd_tflops_exec", "fwd_tflops_dense", "fwdbwd_tflops_exec", "fwdbwd_tflops_dense"]
+           "fwd_tflops_exec", "fwd_tflops_dense", "fwdbwd_tflops_exec", "fwdbwd_tflops_dense",
+           "fwd_graph_ms", "fwdbwd_graph_ms", "fwd_graph_speedup", "fwdbwd_graph_speedup"]
+
+
+def _rates(times: dict, base: dict, executed: float, dense: float) -> dict[str, float]:
+    """Speed-ups over SDPA (``base``) and TFLOP/s; the backward counts 2.5x the forward's FLOPs."""
+    out = {}
+    for pass_, flops in (("fwd", 1.0), ("fwdbwd", 3.5)):
+        t = times[f"{pass_}_ms"]
+        out[f"{pass_}_speedup"] = base[f"{pass_}_ms"] / t
+        out[f"{pass_}_tflops_exec"] = flops * executed / t / 1e9
+        out[f"{pass_}_tflops_dense"] = flops * dense / t / 1e9
+        graph, graph_base = times.get(f"{pass_}_graph_ms"), base.get(f"{pass_}_graph_ms")
+        if isinstance(graph, float) and isinstance(graph_base, float):
+            out[f"{pass_}_graph_speedup"] = graph_base / graph
+    return out
 
 
 def _fmt(x):

@@ -1,0 +1,25 @@
+"""The kernel benchmark's arithmetic and outputs (the timing itself needs a GPU)."""
+import csv
+
+import pytest
+
+from ablations.bench import COLUMNS, _rates, write_outputs
+
+
+def test_rates_and_outputs(tmp_path, capsys):
+    base = {"fwd_ms": 2.0, "fwdbwd_ms": 7.0, "fwd_graph_ms": 1.5, "fwdbwd_graph_ms": 6.0}
+    sparse = {"fwd_ms": 0.5, "fwdbwd_ms": 1.0, "fwd_graph_ms": 0.1, "fwdbwd_graph_ms": "capture failed: X"}
+    dense, executed = 4e12, 1e11
+    r = _rates(sparse, base, executed=executed, dense=dense)
+    assert r["fwd_speedup"] == 4.0 and r["fwdbwd_speedup"] == 7.0
+    assert r["fwd_graph_speedup"] == pytest.approx(15.0) and "fwdbwd_graph_speedup" not in r
+    # ms -> TFLOP/s: FLOPs / (ms * 1e-3) / 1e12
+    assert r["fwd_tflops_exec"] == pytest.approx(executed / 0.5e-3 / 1e12)
+    assert r["fwdbwd_tflops_dense"] == pytest.approx(3.5 * dense / 1.0e-3 / 1e12)
+    assert _rates(base, base, executed=dense, dense=dense)["fwd_graph_speedup"] == 1.0
+    rows = [dict(n=64, method="sdpa", **base), dict(n=64, method="llsa", **sparse, **r)]
+    write_outputs(rows, tmp_path, "title")
+    with open(tmp_path / "bench.csv") as f:
+        read = list(csv.DictReader(f))
+    assert list(read[0]) == COLUMNS and read[1]["fwdbwd_graph_ms"] == "capture failed: X"
+    assert float(read[1]["fwd_speedup"]) == 4.0 and (tmp_path / "bench.png").is_file()
