@@ -146,6 +146,21 @@ def device_line() -> str:
     return f"{name}, torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}"
 
 
+def parse_levels(items: list[str]) -> dict[int | None, int]:
+    """``["2"]`` -> {None: 2} (every N); ``["16384:2", "65536:2"]`` -> {16384: 2, 65536: 2}."""
+    out: dict[int | None, int] = {}
+    for item in items:
+        n, sep, lv = item.rpartition(":")
+        try:
+            key, value = (int(n) if sep else None), int(lv)
+        except ValueError:
+            raise SystemExit(f"bench: --levels takes L or N:L, got {item!r}") from None
+        if value < 1:
+            raise SystemExit(f"bench: levels must be >= 1, got {item!r}")
+        out[key] = value
+    return out
+
+
 def parse(argv):
     p = argparse.ArgumentParser(prog="run.py bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536, 262144], help="sequence lengths")
@@ -155,7 +170,9 @@ def parse(argv):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--levels", type=int, default=None, help="LLSA levels (default: the spec's rule per N)")
+    p.add_argument("--levels", nargs="+", default=[], metavar="L|N:L",
+                   help="LLSA levels: one number for every N, or N:L pairs (other N keep the spec's rule); "
+                        "issue 4's table: --levels 16384:2 65536:2")
     p.add_argument("--methods", nargs="+", default=["llsa", "vsa", "sla"],
                    help="sparse methods to time beside SDPA (llsa, vsa, sla)")
     p.add_argument("--cudagraph", action="store_true",
@@ -174,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     b, h, d = args.batch, args.heads, args.dim
 
+    chosen = parse_levels(args.levels)
+
     def levels_for(n):
-        return args.levels or default_levels(n, args.block)
+        return chosen.get(n, chosen.get(None)) or default_levels(n, args.block)
 
     def topk_for(n):
         from llsa.attention.budget import matched_topk

@@ -23,3 +23,13 @@ def test_rates_and_outputs(tmp_path, capsys):
         read = list(csv.DictReader(f))
     assert list(read[0]) == COLUMNS and read[1]["fwdbwd_graph_ms"] == "capture failed: X"
     assert float(read[1]["fwd_speedup"]) == 4.0 and (tmp_path / "bench.png").is_file()
+
+
+def test_levels_per_length():
+    from ablations.bench import parse_levels
+
+    assert parse_levels([]) == {} and parse_levels(["2"]) == {None: 2}
+    assert parse_levels(["16384:2", "65536:2"]) == {16384: 2, 65536: 2}
+    for bad in (["x"], ["4096:0"], ["a:2"]):
+        with pytest.raises(SystemExit, match="levels"):
+            parse_levels(bad)
