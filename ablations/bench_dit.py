@@ -25,10 +25,12 @@ def attention_options(name: str, n: int, levels: int | None) -> dict:
     return {}
 
 
-def time_steps(size, res, batch, attn, levels, steps, warmup):
+def time_steps(size, res, batch, attn, levels, steps, warmup, compile_mode=None):
     n = res * res
     model = build_dit(size, image_size=res, in_channels=3, attention=attn,
                       attention_options=attention_options(attn, n, levels)).cuda()
+    if compile_mode:
+        model.compile(mode=compile_mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     flow = FlowMatching(image_size=res)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -61,15 +63,19 @@ def main(argv=None):
     p.add_argument("--attn", nargs="+", default=["full", "vsa", "sla", "llsa"])
     p.add_argument("--levels", type=int, default=None, help="LLSA levels (default: the spec's rule)")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed first steps (raise it with --compile)")
+    p.add_argument("--compile", default=None, metavar="MODE",
+                   help="torch.compile every model with this mode (default, reduce-overhead, max-autotune)")
     args = p.parse_args(argv)
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}: {args.size} {args.res}x{args.res} "
-          f"({args.res ** 2} tokens) batch {args.batch}, bf16 autocast, AdamW")
+          f"({args.res ** 2} tokens) batch {args.batch}, bf16 autocast, AdamW"
+          + (f", torch.compile mode={args.compile}" if args.compile else ", eager"))
     print("| attention | step ms | images/s | tokens/s | peak GiB | speed-up |")
     print("|---|---|---|---|---|---|")
     base = None
     for attn in args.attn:
-        ms, peak = time_steps(args.size, args.res, args.batch, attn, args.levels, args.steps, args.warmup)
+        ms, peak = time_steps(args.size, args.res, args.batch, attn, args.levels, args.steps, args.warmup,
+                              args.compile)
         base = base or ms
         ips = args.batch / ms * 1e3
         print(f"| {attn} | {ms:.1f} | {ips:.2f} | {ips * args.res ** 2:.3g} | {peak:.1f} | {base / ms:.2f}x |")

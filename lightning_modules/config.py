@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 DATASETS = ("fashion_mnist", "folder", "procedural")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
 FID_FEATURES = ("auto", "inception", "fid_helper", "tiny")
 SECTIONS = ("run", "model", "data", "flow", "train", "eval")
@@ -105,6 +106,11 @@ class TrainConfig:
     init_from: Optional[str] = None
     # first steps left out of the throughput numbers (compilation, autotuning, allocator warm-up)
     warmup_perf_steps: int = 5
+    # torch.compile the trained model (not its EMA copy) with this mode: null (eager), default,
+    # reduce-overhead (CUDA graphs), max-autotune; fuses the norms, RoPE and modulations around attention
+    compile: Optional[str] = None
+    # the torch.compile backend (aot_eager traces without generating code: how the CPU tests run it)
+    compile_backend: str = "inductor"
 
 
 @dataclass
@@ -245,6 +251,8 @@ def validate(cfg: DictConfig) -> None:
     _check(t.num_nodes >= 1, f"`train.num_nodes` must be >= 1, got {t.num_nodes}")
     _check(t.log_every >= 1, f"`train.log_every` must be >= 1, got {t.log_every}")
     _check(t.ckpt_every >= 1, f"`train.ckpt_every` must be >= 1, got {t.ckpt_every}")
+    _check(t.compile is None or t.compile in COMPILE_MODES,
+           f"`train.compile` must be null or one of {COMPILE_MODES}, got {t.compile!r}")
     _check(t.warmup_perf_steps >= 0, f"`train.warmup_perf_steps` must be >= 0, got {t.warmup_perf_steps}")
 
     _check(e.fid_every >= 0, f"`eval.fid_every` must be >= 0 (0 = only at the end), got {e.fid_every}")

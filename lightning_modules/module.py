@@ -57,6 +57,10 @@ class DiffusionModule(L.LightningModule):
         self.cfg = from_container(config)
         self.model = build_model(self.cfg)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        t = self.cfg.train
+        if t.compile:
+            # in place: parameter names, and so checkpoints and the EMA update, stay those of the eager model
+            self.model.compile(mode=t.compile, backend=t.compile_backend)
         self.flow = build_flow(self.cfg)
         self.generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None

@@ -68,6 +68,23 @@ def test_a_run_killed_during_its_final_evaluation_evaluates_when_resumed(tmp_pat
     assert [(e.step, e.value) for e in events.Scalars("val/fid")] == [(2, pytest.approx(resumed["fid"]))]
 
 
+def test_compiled_model_trains_and_keeps_eager_parameter_names(tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    # aot_eager traces forward and backward as inductor would, without generating code (fast on the CPU)
+    args = {"train.max_steps": 2, "train.compile": "default", "train.compile_backend": "aot_eager"}
+    summary = fit(tiny_config(tmp_path, "compiled", "llsa", **args), progress=False)
+    assert summary["global_step"] == 2 and counters["stats"]["unique_graphs"] >= 1
+    state = torch.load(tmp_path / "compiled" / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=False)["state_dict"]
+    assert not any("_orig_mod" in key for key in state)
+    assert torch.isfinite(torch.stack([v.float().abs().sum() for v in state.values()])).all()
+    with pytest.raises(ValueError, match="train.compile"):
+        tiny_config(tmp_path, "bad", **{"train.compile": "fastest"})
+
+
 def test_resume_from_last_continues_exactly(tmp_path):
     # One image in batches of one: every step sees the same data whatever the loader's shuffling (which
     # Lightning does not replay mid-epoch), so the runs must agree.
