@@ -521,6 +521,8 @@ def run_grid(grids: Grid | list[Grid], out: str | os.PathLike, *, gpus: str = "a
     for run in all_runs:
         if run.name in shared:
             link = out / run.name
+            if link.is_symlink() and os.readlink(link) != shared[run.name]:
+                link.unlink()
             if not link.is_symlink():
                 link.symlink_to(shared[run.name], target_is_directory=True)
             say(run, f"the same run as {shared[run.name]} (identical overrides): not trained again")

@@ -262,11 +262,13 @@ rows:
     assert "g2-same: the same run as g1-big" in printed
     assert "4 runs, 1 skipped (finished or shared), 3 done, 0 failed" in printed
 
-    # a later call of the second grid alone finds the finished run in the folder and links to it again
+    # a later call of the second grid alone finds the finished run in the folder and links to it again,
+    # replacing a link that points elsewhere
     (out / "calls.txt").unlink()
     (out / "g2-same").unlink()
+    (out / "g2-same").symlink_to("g1-small", target_is_directory=True)
     assert main_ablate([str(second), "--out", str(out), "--gpus", "0", "--runner", RUNNER, "data.path=/x"]) == 0
-    assert _calls(out) == [] and (out / "g2-same").is_symlink()
+    assert _calls(out) == [] and (out / "g2-same").resolve() == (out / "g1-big").resolve()
     # a changed override is a different run: trained in a folder of its own
     assert main_ablate([str(second), "--out", str(out), "--gpus", "0", "--runner", RUNNER, "data.path=/y"]) == 0
     assert sorted(_calls(out)) == ["g2-other", "g2-same"]
