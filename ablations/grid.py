@@ -191,6 +191,13 @@ def _value_part(leaf: str, value: Any) -> str:
     return f"{leaf}-{value}"
 
 
+def _reject_unknown(mapping: dict, allowed, what: str) -> None:
+    """GridError naming ``mapping``'s keys outside ``allowed``; ``what`` says where (``file: row 2``)."""
+    unknown = sorted(set(mapping) - set(allowed))
+    if unknown:
+        raise GridError(f"{what} has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
 def _parse_column(spec: Any, index: int, where: str) -> Column:
     if isinstance(spec, str):
         text = spec.strip()
@@ -204,9 +211,7 @@ def _parse_column(spec: Any, index: int, where: str) -> Column:
         spec = {"tag": tag, "reduce": how, "header": text}
     if not isinstance(spec, dict):
         raise GridError(f"{where}: column {index} must be a string or a mapping, got {spec!r}")
-    unknown = sorted(set(spec) - COLUMN_KEYS)
-    if unknown:
-        raise GridError(f"{where}: column {index} has unknown key(s) {unknown}; allowed: {sorted(COLUMN_KEYS)}")
+    _reject_unknown(spec, COLUMN_KEYS, f"{where}: column {index}")
     if ("tag" in spec) == ("config" in spec):
         raise GridError(f"{where}: column {index} needs exactly one of `tag` (a scalar) or `config` (a key)")
     source = spec.get("tag") or spec["config"]
@@ -223,9 +228,7 @@ def _parse_table(spec: Any, where: str) -> TableSpec:
     spec = spec or {}
     if not isinstance(spec, dict):
         raise GridError(f"{where}: `table` must be a mapping with label/columns/plot")
-    unknown = sorted(set(spec) - {"label", "columns", "plot"})
-    if unknown:
-        raise GridError(f"{where}: `table` has unknown key(s) {unknown}; allowed: label, columns, plot")
+    _reject_unknown(spec, {"label", "columns", "plot"}, f"{where}: `table`")
     columns = [_parse_column(c, i, where) for i, c in enumerate(spec.get("columns") or DEFAULT_COLUMNS)]
     keys = [c.key for c in columns]
     if len(set(keys)) != len(keys):
@@ -265,9 +268,7 @@ def load_grid(path: str | os.PathLike, extra: dict[str, Any] | None = None) -> G
         raise GridError(f"{where} is not valid YAML (write ??? in block style, `key: ???`): {err}") from None
     if not isinstance(raw, dict):
         raise GridError(f"{where}: a grid file is a mapping with keys {sorted(GRID_KEYS)}")
-    unknown = sorted(set(raw) - GRID_KEYS)
-    if unknown:
-        raise GridError(f"{where}: unknown top-level key(s) {unknown}; allowed: {sorted(GRID_KEYS)}")
+    _reject_unknown(raw, GRID_KEYS, f"{where}: the grid file")
     if ("rows" in raw) == ("axes" in raw):
         raise GridError(f"{where}: give exactly one of `rows` (explicit list) or `axes` (Cartesian product)")
     grid_name = slugify(raw.get("name") or path.stem)
@@ -289,10 +290,7 @@ def load_grid(path: str | os.PathLike, extra: dict[str, Any] | None = None) -> G
         for i, row in enumerate(rows):
             if not isinstance(row, dict) or "label" not in row:
                 raise GridError(f"{where}: row {i} must be a mapping with at least a `label`")
-            bad = sorted(set(row) - ROW_KEYS)
-            if bad:
-                raise GridError(f"{where}: row {i} ({row['label']!r}) has unknown key(s) {bad}; "
-                                f"allowed: {sorted(ROW_KEYS)}")
+            _reject_unknown(row, ROW_KEYS, f"{where}: row {i} ({row['label']!r})")
             paper = _flat_mapping(row.get("paper"), f"{where}: row {i} `paper`")
             unknown_cols = sorted(set(paper) - {c.key for c in table.columns})
             if unknown_cols:
@@ -371,9 +369,8 @@ def _finished_runs(out: Path) -> dict[str, str]:
         return found
     for run_dir in sorted(out.iterdir()):
         done = read_marker(run_dir, DONE) if run_dir.is_dir() and not run_dir.is_symlink() else None
-        started = read_marker(run_dir, STARTED) or {}
         if done and "overrides" in done:
-            base = started.get("base")
+            base = (read_marker(run_dir, STARTED) or {}).get("base")
             found.setdefault(json.dumps([base, done["overrides"]], sort_keys=True), run_dir.name)
     return found
 

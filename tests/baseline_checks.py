@@ -1,5 +1,6 @@
 """Helpers shared by the VSA and SLA tests: seeded inputs and the Triton-module-vs-reference-module check."""
 import torch
+import torch.nn.functional as F
 
 
 def rand(gen, *shape, dtype=torch.float32, device="cpu", scale=1.0, shift=0.0):
@@ -29,3 +30,12 @@ def assert_modules_agree(torch_mod, triton_mod, q, k, v, *extra, dtype, device, 
     for name, g, g_ref in zip(("dq", "dk", "dv", *param_names), out_g, ref_g):
         assert torch.isfinite(g).all(), name
         torch.testing.assert_close(g.float().cpu(), g_ref, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_is_full_attention(out, q, k, v, gen):
+    """``out`` and its q, k, v gradients equal plain softmax attention's (float32, tight tolerance)."""
+    ref = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    do = torch.randn(ref.shape, generator=gen).to(q.device)
+    for g, g_ref in zip(grads(out, (q, k, v), do), grads(ref, (q, k, v), do)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
