@@ -166,3 +166,20 @@ def test_torch_compile_traces_without_graph_breaks(device):
     out.backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
     torch.testing.assert_close(out, f(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_custom_ops_pass_opcheck_on_transposed_inputs(device):
+    """Fake (meta) kernels must give the real outputs' shapes and strides: a DiT hands in q, k, v as
+    transposed views, and inductor asserts the strides the fake kernels promised."""
+    from llsa.ops.llsa.interface import _attention_bwd, _attention_fwd
+
+    torch.manual_seed(7)
+    # [b, n, h, d] -> [b, h, n, d]: the layout of a DiT's heads
+    q, k, v = (torch.randn(1, 80, 2, 16, device=device).transpose(1, 2).requires_grad_() for _ in range(3))
+    args = (16, 2, 2, 2, True, 0.25, False)
+    torch.library.opcheck(_attention_fwd, (q, k, v, *args))
+    o, lse, pkv, sel = _attention_fwd(q, k, v, *args)
+    do = torch.randn(1, 80, 2, 16, device=device).transpose(1, 2)
+    # the backward op has no backward of its own (no double backward), so its autograd checks are skipped
+    torch.library.opcheck(_attention_bwd, (do, q.detach(), k.detach(), v.detach(), o, lse, pkv, sel, *args),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -101,7 +101,8 @@ def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, sc
     bh, n, d = q.shape
     pooled = pool_qkv(q, k, v, lay)
     sel = select(pooled, lay)
-    pkv = pooled[1:].to(q.dtype)
+    # a fresh tensor even for float32 inputs: custom ops may not return views of their temporaries
+    pkv = pooled[1:].to(q.dtype, copy=True)
     o = _out((bh, n, d), q)
     lse = _out((bh, n), q, torch.float32)
     part = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
@@ -167,7 +168,8 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
 def _(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale, deterministic):
     lay = Layout(q.shape[-2], block_size, topk, levels, enrich_levels)
     bh = q.shape[0] * q.shape[1]
-    return (torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32),
+    # the kernels return contiguous tensors whatever q's strides (empty_like would copy them)
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32),
             q.new_empty(2, bh, lay.n_pool, q.shape[-1]), q.new_empty(bh, lay.n_sel, dtype=torch.int32))
 
 
@@ -191,7 +193,7 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 @_attention_bwd.register_fake
 def _(do, q, k, v, o, lse, pkv, sel, block_size, topk, levels, enrich_levels, reweight, scale, deterministic):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
