@@ -1,8 +1,9 @@
-"""Where LLSA's time goes: per-kernel GPU time of one forward and one backward, and the host time.
+"""Where LLSA's time goes: GPU time of every kernel of one forward and one backward, and the host time.
 
-``python -m ablations.profile_llsa --n 4096 65536 --levels 2``. Prints, per N, the profiler's table of
-device kernels and the wall time of the call with and without a device synchronisation, so launch and
-Python overhead can be told apart from kernel time.
+``python -m ablations.profile_llsa --n 4096 65536 --levels 2``. Prints, per N, the device kernels in launch
+order with their times (the same kernel launched twice, e.g. the shared and fine query passes, shows
+twice) and the wall time of the call with and without a device synchronisation, so launch and Python
+overhead can be told apart from kernel time.
 """
 import argparse
 import time
@@ -38,11 +39,17 @@ def main(argv=None):
         torch.cuda.synchronize()
         t_all = (time.perf_counter() - t0) / 20
         print(f"N={n} L={lv}: forward host time {t_host * 1e3:.3f} ms/call, with device {t_all * 1e3:.3f} ms/call")
+        # without earlier gradients, so no accumulation kernels join the backward's
+        q.grad = k.grad = v.grad = None
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             o = llsa_attention_triton(q, k, v, **kw)
             o.backward(do)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(e.device_time for e in kernels)
+        print(f"{len(kernels)} kernels, {total:.1f} us of GPU time (forward, then backward):")
+        for e in kernels:
+            print(f"  {e.name[:64]:64s} {e.device_time:9.1f} us")
         if args.host:
             import cProfile
             import pstats

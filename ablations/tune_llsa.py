@@ -1,10 +1,14 @@
-"""Time the stages of the LLSA forward separately and sweep the query-owned pass's launch shapes.
+"""Time the stages of the LLSA forward separately and sweep the kernels' launch shapes.
 
 ``python -m ablations.tune_llsa --n 65536 262144 --levels 2``: prints per-stage medians (pooling,
 selection, shared pass, fine pass) for each setting of ``llsa.ops.llsa.interface.TUNE`` tried.
+``--backward``: sweeps the backward's kernels instead, one group of ``TUNE`` keys at a time (each group
+keeps the best of the previous), timing the whole backward summed over the sizes; ``--write FILE`` saves
+the best ``TUNE`` as JSON.
 """
 import argparse
 import itertools
+import json
 
 import torch
 from triton.testing import do_bench
@@ -20,7 +24,15 @@ def main(argv=None):
     p.add_argument("--n", type=int, nargs="+", default=[65536, 262144])
     p.add_argument("--levels", type=int, default=2)
     p.add_argument("--sweep", action="store_true", help="try every launch shape, not just the current TUNE")
+    p.add_argument("--backward", action="store_true", help="sweep the backward kernels' launch shapes")
+    p.add_argument("--write", default=None, help="with --backward: save the best TUNE here (JSON)")
     args = p.parse_args(argv)
+    if args.backward:
+        best = sweep_backward(args.n, args.levels)
+        if args.write:
+            with open(args.write, "w") as f:
+                json.dump(best, f, indent=1)
+        return
     for n in args.n:
         lay = Layout(n, 16, 8, args.levels, args.levels)
         meta = lay.meta("cuda")
@@ -48,6 +60,46 @@ def main(argv=None):
                 print(f"  shared kpi={kpi} warps={warps} stages={stages}: failed ({type(e).__name__})")
                 continue
             print(f"  q pass (shared kpi={kpi} warps={warps} stages={stages} + fine): {t:.3f} ms")
+
+
+# Groups of TUNE keys swept together, and the values tried.
+BACKWARD_GROUPS = {
+    "kv": dict(kv_rows=[64, 128], kv_warps=[4, 8], kv_stages=[1, 2, 3]),
+    "top": dict(top_keys=[64, 128], top_warps=[4, 8]),
+    "cand": dict(cand_keys=[64, 128], cand_rows=[64, 128], cand_warps=[4, 8]),
+}
+
+
+def sweep_backward(ns, levels) -> dict:
+    cases = []
+    for n in ns:
+        lv = levels if n < 262144 else max(levels, 3)
+        kw = dict(block_size=16, topk=8, levels=lv, enrich_levels=lv, reweight=True, scale=0.125)
+        q, k, v = (torch.randn(2, 4, n, 64, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+        do = torch.randn_like(q)
+        o = itf.llsa_attention_triton(q, k, v, **kw)
+        cases.append((n, lv, o, (q, k, v), do))
+
+    def total():
+        return sum(do_bench(lambda: torch.autograd.grad(o, qkv, do, retain_graph=True), return_mode="median")
+                   for _, _, o, qkv, do in cases)
+
+    for group, space in BACKWARD_GROUPS.items():
+        results = []
+        for values in itertools.product(*space.values()):
+            setting = dict(zip(space, values))
+            itf.TUNE.update(setting)
+            try:
+                results.append((total(), setting))
+            except Exception as e:  # resource limits for some shapes
+                print(f"{group} {setting}: failed ({type(e).__name__})")
+                continue
+            print(f"{group} {setting}: backward {results[-1][0]:.3f} ms (summed over N={ns})")
+        t, setting = min(results, key=lambda r: r[0])
+        itf.TUNE.update(setting)
+        print(f"best {group}: {setting} ({t:.3f} ms)")
+    print(f"TUNE = {itf.TUNE}")
+    return dict(itf.TUNE)
 
 
 if __name__ == "__main__":

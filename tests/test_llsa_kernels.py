@@ -110,7 +110,10 @@ def test_transposed_lists_invert_the_picks(device):
             for b in range(sel.shape[0]):
                 p = picks[level - 1].flatten(0, 1)[b].cpu()
                 for u in range(n):
-                    got = idx[b, rowptr[b, u]:rowptr[b, u + 1]].cpu().long()
+                    pos = idx[b, rowptr[b, u]:rowptr[b, u + 1]].cpu().long()
+                    # each entry is a flat pick position: query pos // w, slot pos % w, which holds u
+                    assert (p.flatten()[pos] == u).all(), (level, det, b, u)
+                    got = pos // w
                     want = (p == u).any(-1).nonzero().flatten()
                     got = got if det else got.sort().values
                     assert torch.equal(got, want), (level, det, b, u)

@@ -1,23 +1,25 @@
-"""Key-owned LLSA backward kernels: dk and dv from key-major lists, no atomics on floats.
+"""LLSA dk/dv kernels, no atomics on floats.
 
-A key block is the B children of one level-(l+1) token u. The queries that attend it are those under
-the level-(l+1) ancestors listed for u in the transpose of level l+1's picks (for the fine level, the
-query blocks that picked u). Pooled gradients land in float32 buffers and reach the original tokens
-through the pooling backward, fused into the fine kernel's epilogue.
+Fine keys are key-owned: one program per level-1 token u walks the key-major list of the query blocks
+that picked it. Enriched candidates are ancestor-owned: all queries under a level-(l+1) ancestor attend
+the same K*B level-l keys, so one program per (ancestor, key tile) reads those queries once and writes a
+partial; a reduction then sums each key's partials over the ancestors that picked it. The coarsest level,
+seen by every query, sums partials over query chunks. Pooled gradients land in float32 buffers and reach
+the original tokens through the pooling backward, fused into the fine kernel's epilogue.
 """
 import triton
 import triton.language as tl
 
-from llsa.ops.llsa.fwd import _log2_weight
+from llsa.ops.llsa.fwd import _cand_rows, _log2_weight
 
 
 @triton.jit
-def _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, p_idx, first, count, span_q, i_bh, N, o_d,
-                qk_scale, D: tl.constexpr, BMQ: tl.constexpr, GATHER: tl.constexpr, PREC: tl.constexpr):
+def _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, p_idx, first, count, span_q, width, i_bh, N,
+                o_d, qk_scale, D: tl.constexpr, BMQ: tl.constexpr, GATHER: tl.constexpr, PREC: tl.constexpr):
     """Accumulate dk^T, dv^T ([D, BK]) of one key tile over ``count * span_q`` query rows.
 
     With ``GATHER`` the rows are the ``span_q`` queries under each of ``count`` listed ancestors
-    ``p_idx[first : first + count]``, packed BMQ rows per step (four 16-query blocks at the fine level), so
+    ``p_idx[first : first + count] // width`` (the lists hold flat pick positions), packed BMQ rows per step (four 16-query blocks at the fine level), so
     each product has 64 rows; otherwise they are the contiguous rows ``first .. first + count``.
     Accumulating transposed keeps the channel dim D as the row dim of the dk/dv products.
     """
@@ -26,7 +28,7 @@ def _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, p_idx, first,
         o_v = i_v + tl.arange(0, BMQ).to(tl.int64)
         m_v = o_v < total
         if GATHER:
-            b_a = tl.load(p_idx + first + o_v // span_q, mask=m_v, other=0).to(tl.int64)
+            b_a = tl.load(p_idx + first + o_v // span_q, mask=m_v, other=0).to(tl.int64) // width
             o_q = b_a * span_q + o_v % span_q
         else:
             o_q = first + o_v
@@ -50,37 +52,24 @@ def _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, p_idx, first,
 
 
 @triton.jit
-def llsa_kv_kernel(Q, K, V, PK, PV, DO, LSE, DELTA, META, ROWPTR, IDX, DK, DV, DPK, DPV, N, n_pool, lv,
-                   levels, qk_scale, B: tl.constexpr, D: tl.constexpr, BMQ: tl.constexpr, FINE: tl.constexpr,
-                   POOLED: tl.constexpr, REWEIGHT: tl.constexpr, PREC: tl.constexpr):
-    """dk, dv of the B children of level-(lv+1) token u over candidate segment lv.
-
-    ``FINE`` (lv = 0): the children are original tokens; the epilogue adds every pooled level's gradient
-    (divided by its token count) and writes the final dk, dv. Otherwise the result goes to the pooled
-    gradient buffers DPK, DPV at level lv.
-    """
+def llsa_kv_kernel(Q, K, V, DO, LSE, DELTA, META, ROWPTR, IDX, DK, DV, DPK, DPV, N, n_pool, levels, qk_scale,
+                   B: tl.constexpr, D: tl.constexpr, BMQ: tl.constexpr, POOLED: tl.constexpr,
+                   REWEIGHT: tl.constexpr, PREC: tl.constexpr):
+    """dk, dv of the B original tokens under level-1 token u: the fine segment, over the query blocks that
+    picked u, plus (``POOLED``) every pooled level's gradient divided by its token count."""
     i_u, i_bh = tl.program_id(0), tl.program_id(1)
     i_u = i_u.to(tl.int64)
     i_bh = i_bh.to(tl.int64)
-    n_l = tl.load(META + lv * 6 + 0)
-    off_l = tl.load(META + lv * 6 + 3)
-    span_l = tl.load(META + lv * 6 + 4)
-    n_up = tl.load(META + (lv + 1) * 6 + 0)
-    w_up = tl.load(META + (lv + 1) * 6 + 1)
-    span_q = tl.load(META + (lv + 1) * 6 + 4)
+    n_up = tl.load(META + 6 + 0)
+    w_up = tl.load(META + 6 + 1)
     o_d = tl.arange(0, D)
     o_r = i_u * B + tl.arange(0, B)
-    m_r = o_r < n_l
-    if FINE:
-        o_kr = i_bh * N + o_r
-        b_k = tl.load(K + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
-        b_v = tl.load(V + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
-    else:
-        o_kr = i_bh * n_pool + off_l + o_r
-        # [B, D]
-        b_k = tl.load(PK + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
-        b_v = tl.load(PV + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
-    b_bias = _log2_weight(o_r, m_r, span_l, N, REWEIGHT)
+    m_r = o_r < N
+    o_kr = i_bh * N + o_r
+    # [B, D]
+    b_k = tl.load(K + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+    b_v = tl.load(V + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+    b_bias = _log2_weight(o_r, m_r, 1, N, REWEIGHT)
     # [D, B]
     b_dkt = tl.zeros([D, B], dtype=tl.float32)
     b_dvt = tl.zeros([D, B], dtype=tl.float32)
@@ -88,26 +77,99 @@ def llsa_kv_kernel(Q, K, V, PK, PV, DO, LSE, DELTA, META, ROWPTR, IDX, DK, DV, D
     first = tl.load(p_ptr)
     count = tl.load(p_ptr + 1) - first
     b_dkt, b_dvt = _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, IDX + i_bh * n_up * w_up,
-                               first, count, span_q, i_bh, N, o_d, qk_scale, D, BMQ, True, PREC)
+                               first, count, B, w_up, i_bh, N, o_d, qk_scale, D, BMQ, True, PREC)
     b_dkt = b_dkt * (qk_scale * 0.6931471805599453)
     # [D, B] transposed addresses of the B key rows
     p_t = o_kr[None, :] * D + o_d[:, None]
     m_t = m_r[None, :]
-    if FINE:
-        if POOLED:
-            for lp in range(1, levels + 1):
-                off_p = tl.load(META + lp * 6 + 3)
-                span_p = tl.load(META + lp * 6 + 4)
-                o_a = o_r // span_p
-                b_inv = 1.0 / (tl.minimum((o_a + 1) * span_p, N) - o_a * span_p).to(tl.float32)
-                p_pt = (i_bh * n_pool + off_p + o_a)[None, :] * D + o_d[:, None]
-                b_dkt += tl.load(DPK + p_pt, mask=m_t, other=0.) * b_inv[None, :]
-                b_dvt += tl.load(DPV + p_pt, mask=m_t, other=0.) * b_inv[None, :]
-        tl.store(DK + p_t, b_dkt.to(DK.dtype.element_ty), mask=m_t)
-        tl.store(DV + p_t, b_dvt.to(DV.dtype.element_ty), mask=m_t)
-    else:
-        tl.store(DPK + p_t, b_dkt, mask=m_t)
-        tl.store(DPV + p_t, b_dvt, mask=m_t)
+    if POOLED:
+        for lp in range(1, levels + 1):
+            off_p = tl.load(META + lp * 6 + 3)
+            span_p = tl.load(META + lp * 6 + 4)
+            o_a = o_r // span_p
+            b_inv = 1.0 / (tl.minimum((o_a + 1) * span_p, N) - o_a * span_p).to(tl.float32)
+            p_pt = (i_bh * n_pool + off_p + o_a)[None, :] * D + o_d[:, None]
+            b_dkt += tl.load(DPK + p_pt, mask=m_t, other=0.) * b_inv[None, :]
+            b_dvt += tl.load(DPV + p_pt, mask=m_t, other=0.) * b_inv[None, :]
+    tl.store(DK + p_t, b_dkt.to(DK.dtype.element_ty), mask=m_t)
+    tl.store(DV + p_t, b_dvt.to(DV.dtype.element_ty), mask=m_t)
+
+
+@triton.jit
+def llsa_cand_kv_kernel(Q, PK, PV, DO, LSE, DELTA, META, SEL, PART_K, PART_V, N, n_pool, n_sel, n_part, lv,
+                        n_tiles, qk_scale, B: tl.constexpr, D: tl.constexpr, KPI: tl.constexpr,
+                        BMQ: tl.constexpr, REWEIGHT: tl.constexpr, PREC: tl.constexpr):
+    """Partial dk, dv of one tile of KPI candidate blocks of ancestor a (a level-(lv+1) token, lv >= 1)
+    over a's queries, which all attend exactly these keys.
+
+    Every query under a is read once per tile, against KPI*B keys, instead of once per key block that
+    it attends. The partial of slot s, child c lands at row ``(a*w_up + s)*B + c`` of PART_K/PART_V (the
+    flat pick position times B), where ``llsa_cand_reduce_kernel`` sums each key's partials.
+    """
+    BN: tl.constexpr = KPI * B
+    i_p, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh = i_bh.to(tl.int64)
+    i_a = (i_p // n_tiles).to(tl.int64)
+    i_it = i_p % n_tiles
+    n_l = tl.load(META + lv * 6 + 0)
+    off_l = tl.load(META + lv * 6 + 3)
+    span_l = tl.load(META + lv * 6 + 4)
+    w_up = tl.load(META + (lv + 1) * 6 + 1)
+    sel_up = tl.load(META + (lv + 1) * 6 + 2)
+    span_q = tl.load(META + (lv + 1) * 6 + 4)
+    o_d = tl.arange(0, D)
+    o_n = tl.arange(0, BN)
+    o_row, m_row = _cand_rows(SEL + i_bh * n_sel + sel_up + i_a * w_up, w_up, i_it, n_l, o_n, B, KPI)
+    o_kr = i_bh * n_pool + off_l + o_row
+    # [BN, D]
+    b_k = tl.load(PK + o_kr[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
+    b_v = tl.load(PV + o_kr[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
+    b_bias = _log2_weight(o_row, m_row, span_l, N, REWEIGHT)
+    # [D, BN]
+    b_dkt = tl.zeros([D, BN], dtype=tl.float32)
+    b_dvt = tl.zeros([D, BN], dtype=tl.float32)
+    first = i_a * span_q
+    count = tl.minimum(span_q, N - first)
+    b_dkt, b_dvt = _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, SEL, first, count, 1, 1, i_bh,
+                               N, o_d, qk_scale, D, BMQ, False, PREC)
+    b_dkt = b_dkt * (qk_scale * 0.6931471805599453)
+    o_slot = i_it * KPI + o_n // B
+    o_p = (i_a * w_up + o_slot) * B + o_n % B
+    p_t = (i_bh * n_part + o_p)[None, :] * D + o_d[:, None]
+    m_t = (o_slot < w_up)[None, :]
+    tl.store(PART_K + p_t, b_dkt, mask=m_t)
+    tl.store(PART_V + p_t, b_dvt, mask=m_t)
+
+
+@triton.jit
+def llsa_cand_reduce_kernel(PART_K, PART_V, META, ROWPTR, IDX, DPK, DPV, n_pool, n_part, lv, B: tl.constexpr,
+                            D: tl.constexpr):
+    """dk, dv of the B level-lv children of level-(lv+1) token u: the sum of their partials over the
+    ancestors that picked u (its key-major list, whose entries are flat pick positions)."""
+    i_u, i_bh = tl.program_id(0), tl.program_id(1)
+    i_u = i_u.to(tl.int64)
+    i_bh = i_bh.to(tl.int64)
+    n_l = tl.load(META + lv * 6 + 0)
+    off_l = tl.load(META + lv * 6 + 3)
+    n_up = tl.load(META + (lv + 1) * 6 + 0)
+    w_up = tl.load(META + (lv + 1) * 6 + 1)
+    o_c = tl.arange(0, B)
+    o_d = tl.arange(0, D)
+    p_ptr = ROWPTR + i_bh * (n_up + 1) + i_u
+    first = tl.load(p_ptr)
+    last = tl.load(p_ptr + 1)
+    # [B, D]
+    b_dk = tl.zeros([B, D], dtype=tl.float32)
+    b_dv = tl.zeros([B, D], dtype=tl.float32)
+    for i_e in range(first, last):
+        i_pos = tl.load(IDX + i_bh * n_up * w_up + i_e).to(tl.int64)
+        p_p = (i_bh * n_part + i_pos * B + o_c)[:, None] * D + o_d[None, :]
+        b_dk += tl.load(PART_K + p_p)
+        b_dv += tl.load(PART_V + p_p)
+    o_r = i_u * B + o_c
+    p_o = (i_bh * n_pool + off_l + o_r)[:, None] * D + o_d[None, :]
+    tl.store(DPK + p_o, b_dk, mask=(o_r < n_l)[:, None])
+    tl.store(DPV + p_o, b_dv, mask=(o_r < n_l)[:, None])
 
 
 @triton.jit
@@ -134,8 +196,8 @@ def llsa_top_kv_kernel(Q, PK, PV, DO, LSE, DELTA, META, PDK, PDV, N, n_pool, lev
     b_dvt = tl.zeros([D, BK], dtype=tl.float32)
     first = i_c.to(tl.int64) * chunk
     count = tl.minimum(first + chunk, N) - first
-    b_dkt, b_dvt = _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, LSE, first, count, 1, i_bh, N,
-                               o_d, qk_scale, D, BMQ, False, PREC)
+    b_dkt, b_dvt = _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, LSE, first, count, 1, 1, i_bh,
+                               N, o_d, qk_scale, D, BMQ, False, PREC)
     b_dkt = b_dkt * (qk_scale * 0.6931471805599453)
     p_t = ((i_c * n_bh + i_bh) * n_t + o_r)[None, :] * D + o_d[:, None]
     tl.store(PDK + p_t, b_dkt, mask=m_r[None, :])

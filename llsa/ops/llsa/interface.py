@@ -9,7 +9,9 @@ import os
 import torch
 import triton
 
-from llsa.ops.llsa.bwd import delta_kernel, llsa_kv_kernel, llsa_top_kv_kernel
+from llsa.ops.llsa import graphs
+from llsa.ops.llsa.bwd import (delta_kernel, llsa_cand_kv_kernel, llsa_cand_reduce_kernel, llsa_kv_kernel,
+                               llsa_top_kv_kernel)
 from llsa.ops.llsa.fwd import LOG2E, llsa_q_kernel
 from llsa.ops.llsa.layout import Layout
 from llsa.ops.llsa.pool import pool_qkv
@@ -19,9 +21,11 @@ from llsa.ops.llsa.transpose import transpose_level
 HEAD_DIMS = (16, 32, 64, 128)
 # Tests set LLSA_POISON=1: outputs start as NaN so an element no kernel writes fails loudly.
 POISON = os.environ.get("LLSA_POISON") == "1"
-# Launch shapes of the query-owned pass, measured on an H100 (docs/benchmarks.md); ablations/tune_llsa.py
-# sweeps them.
-TUNE = dict(shared_kpi=4, shared_warps=4, shared_stages=2, fine_warps=4, fine_stages=3)
+# Launch shapes, measured on an H100 (docs/benchmarks.md); ablations/tune_llsa.py sweeps them. shared_* and
+# fine_*: the query-owned pass; cand_*: the enriched candidates' dk/dv (keys per tile, query rows per
+# step, warps); kv_*: the fine keys' dk/dv; top_*: the coarsest level's dk/dv.
+TUNE = dict(shared_kpi=4, shared_warps=4, shared_stages=2, fine_warps=4, fine_stages=3, cand_keys=64,
+            cand_rows=64, cand_warps=4, kv_rows=64, kv_warps=4, kv_stages=3, top_keys=64, top_warps=4)
 # Programs wanted for the coarsest level's dk/dv, which splits the queries into chunks to get them.
 TOP_PROGRAMS = 2048
 
@@ -123,31 +127,40 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
     _launch_q(lay, meta, q, k, v, pkv, sel, do, lse, delta, dq, dq_shared, lse, qk_scale, reweight, bwd=True)
     dpk = torch.zeros(bh, lay.n_pool, d, dtype=torch.float32, device=q.device)
     dpv = torch.zeros_like(dpk)
+    if lay.n_seg > 1:
+        # partial rows of the largest enriched level: one per (ancestor, pick, child)
+        n_part = max(lay.sizes[lv + 1] * lay.widths[lv + 1] * lay.block for lv in range(1, lay.n_seg))
+        part_k = torch.empty(bh, n_part, d, dtype=torch.float32, device=q.device)
+        part_v = torch.empty_like(part_k)
     for lv in range(1, lay.n_seg):
+        kpi = max(1, TUNE["cand_keys"] // lay.block)
+        n_tiles = triton.cdiv(lay.widths[lv + 1], kpi)
+        llsa_cand_kv_kernel[(lay.sizes[lv + 1] * n_tiles, bh)](
+            q, pkv[0], pkv[1], do, lse, delta, meta, sel, part_k, part_v, n, lay.n_pool, lay.n_sel, n_part, lv,
+            n_tiles, qk_scale, B=lay.block, D=d, KPI=kpi, BMQ=TUNE["cand_rows"], REWEIGHT=reweight, PREC=prec,
+            num_warps=TUNE["cand_warps"])
         rowptr, idx = transpose_level(sel, lay.sel_off[lv + 1], lay.sizes[lv + 1], lay.widths[lv + 1],
                                       deterministic)
-        llsa_kv_kernel[(lay.sizes[lv + 1], bh)](q, k, v, pkv[0], pkv[1], do, lse, delta, meta, rowptr, idx, dq,
-                                                dq, dpk, dpv, n, lay.n_pool, lv, lay.levels, qk_scale,
-                                                B=lay.block, D=d, BMQ=64, FINE=False, POOLED=False,
-                                                REWEIGHT=reweight, PREC=prec)
+        llsa_cand_reduce_kernel[(lay.sizes[lv + 1], bh)](part_k, part_v, meta, rowptr, idx, dpk, dpv, lay.n_pool,
+                                                         n_part, lv, B=lay.block, D=d)
     if lay.top:
         n_top, off = lay.sizes[lay.levels], lay.pool_off[lay.levels]
-        bk = min(64, max(16, triton.next_power_of_2(n_top)))
+        bk = min(TUNE["top_keys"], max(16, triton.next_power_of_2(n_top)))
         n_chunks = _top_chunks(n, triton.cdiv(n_top, bk) * bh)
         chunk = triton.cdiv(n, n_chunks)
         part = torch.empty(2, n_chunks, bh, n_top, d, dtype=torch.float32, device=q.device)
         llsa_top_kv_kernel[(triton.cdiv(n_top, bk), n_chunks, bh)](
             q, pkv[0], pkv[1], do, lse, delta, meta, part[0], part[1], n, lay.n_pool, lay.levels, chunk,
-            qk_scale, BK=bk, D=d, BMQ=64, REWEIGHT=reweight, PREC=prec)
+            qk_scale, BK=bk, D=d, BMQ=64, REWEIGHT=reweight, PREC=prec, num_warps=TUNE["top_warps"])
         dpk[:, off:off + n_top] += part[0].sum(0)
         dpv[:, off:off + n_top] += part[1].sum(0)
     dk = _out((bh, n, d), k)
     dv = _out((bh, n, d), v)
     rowptr, idx = transpose_level(sel, lay.sel_off[1], lay.sizes[1], lay.widths[1], deterministic)
-    llsa_kv_kernel[(lay.sizes[1], bh)](q, k, v, pkv[0], pkv[1], do, lse, delta, meta, rowptr, idx, dk, dv, dpk,
-                                       dpv, n, lay.n_pool, 0, lay.levels, qk_scale, B=lay.block, D=d,
-                                       BMQ=64, FINE=True, POOLED=lay.n_seg > 1 or lay.top,
-                                       REWEIGHT=reweight, PREC=prec)
+    llsa_kv_kernel[(lay.sizes[1], bh)](q, k, v, do, lse, delta, meta, rowptr, idx, dk, dv, dpk, dpv, n,
+                                       lay.n_pool, lay.levels, qk_scale, B=lay.block, D=d, BMQ=TUNE["kv_rows"],
+                                       POOLED=lay.n_seg > 1 or lay.top, REWEIGHT=reweight, PREC=prec,
+                                       num_warps=TUNE["kv_warps"], num_stages=TUNE["kv_stages"])
     return dq, dk, dv
 
 
@@ -214,19 +227,26 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _LLSAFunction(torch.autograd.Function):
-    """The eager path: the same kernels as the custom ops without their dispatch cost per call."""
+    """The eager path: the same kernels as the custom ops without their dispatch cost per call, replayed
+    from CUDA graphs when the problem is small enough for launching to dominate (``graphs.py``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, block_size, topk, levels, enrich_levels, reweight, scale, deterministic):
-        out = _attention_fwd_impl(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale)
-        _setup_context(ctx, (q, k, v, block_size, topk, levels, enrich_levels, reweight, scale, deterministic),
-                       out)
+        args = (block_size, topk, levels, enrich_levels, reweight, scale)
+        if graphs.usable(q):
+            out = graphs.replay(_attention_fwd_impl, (q, k, v), args)
+        else:
+            out = _attention_fwd_impl(q, k, v, *args)
+        _setup_context(ctx, (q, k, v, *args, deterministic), out)
         return out
 
     @staticmethod
     def backward(ctx, do, _dlse, _dpkv, _dsel):
-        q, k, v, o, lse, pkv, sel = ctx.saved_tensors
-        dq, dk, dv = _attention_bwd_impl(do.contiguous(), q, k, v, o, lse, pkv, sel, *ctx.args)
+        saved = (do.contiguous(), *ctx.saved_tensors)
+        if graphs.usable(do):
+            dq, dk, dv = graphs.replay(_attention_bwd_impl, saved, ctx.args)
+        else:
+            dq, dk, dv = _attention_bwd_impl(*saved, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 

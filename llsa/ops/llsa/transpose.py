@@ -1,7 +1,8 @@
 """Sparse transpose of query-major picks into key-major lists (CSR -> CSC), linear in the number of picks.
 
 For a level with ``n`` tokens and ``w`` picks each, ``rowptr[bh, u] .. rowptr[bh, u+1]`` delimits, in
-``idx[bh]``, the query tokens that picked token ``u``. The default path counts with atomics, prefix-sums
+``idx[bh]``, the picks of token ``u``, each as its flat position ``a*w + s`` in the level's pick list (query
+token ``a``, slot ``s``): the kernels need the query (``// w``) and, for the candidate partials, the slot. The default path counts with atomics, prefix-sums
 and fills through atomic cursors, so the order inside one list depends on scheduling; the deterministic
 path orders each list by query index with a stable sort (O(P log P) instead of O(P) for P picks).
 """
@@ -22,7 +23,7 @@ def count_kernel(SEL, CNT, n_pick, sel_off, stride_s, n_keys, BLOCK: tl.constexp
 
 
 @triton.jit
-def fill_kernel(SEL, ROWPTR, CURSOR, IDX, n_pick, width, sel_off, stride_s, n_keys, BLOCK: tl.constexpr):
+def fill_kernel(SEL, ROWPTR, CURSOR, IDX, n_pick, sel_off, stride_s, n_keys, BLOCK: tl.constexpr):
     i_e, i_bh = tl.program_id(0), tl.program_id(1)
     i_bh = i_bh.to(tl.int64)
     o_e = i_e.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -30,14 +31,14 @@ def fill_kernel(SEL, ROWPTR, CURSOR, IDX, n_pick, width, sel_off, stride_s, n_ke
     b_u = tl.load(SEL + i_bh * stride_s + sel_off + o_e, mask=m_e, other=0).to(tl.int64)
     b_slot = tl.atomic_add(CURSOR + i_bh * n_keys + b_u, 1, mask=m_e)
     b_start = tl.load(ROWPTR + i_bh * (n_keys + 1) + b_u, mask=m_e, other=0)
-    tl.store(IDX + i_bh * n_pick + b_start + b_slot, (o_e // width).to(tl.int32), mask=m_e)
+    tl.store(IDX + i_bh * n_pick + b_start + b_slot, o_e.to(tl.int32), mask=m_e)
 
 
 def transpose_level(sel: torch.Tensor, sel_off: int, n: int, width: int,
                     deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Key-major lists of one level's picks ``sel[:, sel_off : sel_off + n*width]``.
 
-    Returns ``rowptr`` (BH, n+1) int64 and ``idx`` (BH, n*width) int32 (query-token ids).
+    Returns ``rowptr`` (BH, n+1) int64 and ``idx`` (BH, n*width) int32 (flat pick positions).
     """
     bh = sel.shape[0]
     n_pick = n * width
@@ -46,12 +47,12 @@ def transpose_level(sel: torch.Tensor, sel_off: int, n: int, width: int,
         keys, order = torch.sort(flat.long(), dim=1, stable=True)
         counts = torch.zeros(bh, n + 1, dtype=torch.int64, device=sel.device)
         counts[:, 1:].scatter_add_(1, keys, torch.ones_like(keys))
-        return counts.cumsum(1), (order // width).to(torch.int32)
+        return counts.cumsum(1), order.to(torch.int32)
     counts = torch.zeros(bh, n + 1, dtype=torch.int32, device=sel.device)
     grid = (triton.cdiv(n_pick, BLOCK), bh)
     count_kernel[grid](sel, counts, n_pick, sel_off, sel.shape[1], n, BLOCK=BLOCK)
     rowptr = counts.cumsum(1)
     cursor = torch.zeros(bh, n, dtype=torch.int32, device=sel.device)
     idx = torch.full((bh, n_pick), -1, dtype=torch.int32, device=sel.device)
-    fill_kernel[grid](sel, rowptr, cursor, idx, n_pick, width, sel_off, sel.shape[1], n, BLOCK=BLOCK)
+    fill_kernel[grid](sel, rowptr, cursor, idx, n_pick, sel_off, sel.shape[1], n, BLOCK=BLOCK)
     return rowptr, idx
