@@ -21,7 +21,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--host", action="store_true", help="also profile the host side with cProfile")
+    p.add_argument("--host", action="store_true",
+                   help="also profile the host side: the CPU ops of forward and backward, and cProfile")
     args = p.parse_args(argv)
     for n in args.n:
         lv = args.levels or default_levels(n, 16)
@@ -39,6 +40,13 @@ def main(argv=None):
         torch.cuda.synchronize()
         t_all = (time.perf_counter() - t0) / 20
         print(f"N={n} L={lv}: forward host time {t_host * 1e3:.3f} ms/call, with device {t_all * 1e3:.3f} ms/call")
+        t0 = time.perf_counter()
+        for _ in range(20):
+            torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+        t_host = (time.perf_counter() - t0) / 20
+        torch.cuda.synchronize()
+        t_all = (time.perf_counter() - t0) / 20
+        print(f"  backward host time {t_host * 1e3:.3f} ms/call, with device {t_all * 1e3:.3f} ms/call")
         # without earlier gradients, so no accumulation kernels join the backward's
         q.grad = k.grad = v.grad = None
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -51,6 +59,16 @@ def main(argv=None):
         for e in kernels:
             print(f"  {e.name[:64]:64s} {e.device_time:9.1f} us")
         if args.host:
+            cpu = torch.profiler.ProfilerActivity.CPU
+            for name, fn in (("forward", lambda: llsa_attention_triton(q, k, v, **kw)),
+                             ("backward", lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))):
+                with torch.profiler.profile(activities=[cpu]) as prof:
+                    for _ in range(10):
+                        fn()
+                    torch.cuda.synchronize()
+                print(f"host side of 10 {name} calls:")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+                                                max_name_column_width=50))
             import cProfile
             import pstats
 
