@@ -55,5 +55,14 @@ def test_one_capture_per_shape_and_arguments_least_recent_dropped(fake_graphs):
     assert fake_graphs[-1] == ("_scaled", ((5, 3), (5, 3)), (2.0,))
 
 
+def test_inference_mode_gets_its_own_capture(fake_graphs):
+    """Static buffers made under inference mode can't be written outside it, so the modes never share."""
+    a = torch.ones(2, 3)
+    graphs.replay(_scaled, (a, a), (2.0,))
+    with torch.inference_mode():
+        graphs.replay(_scaled, (a, a), (2.0,))
+    assert len(fake_graphs) == 2
+
+
 def test_graphs_are_only_for_small_cuda_tensors_outside_a_capture():
     assert not graphs.usable(torch.ones(4, 4)), "CPU tensors never replay graphs"

@@ -19,8 +19,9 @@ def _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, p_idx, first,
     """Accumulate dk^T, dv^T ([D, BK]) of one key tile over ``count * span_q`` query rows.
 
     With ``GATHER`` the rows are the ``span_q`` queries under each of ``count`` listed ancestors
-    ``p_idx[first : first + count] // width`` (the lists hold flat pick positions), packed BMQ rows per step (four 16-query blocks at the fine level), so
-    each product has 64 rows; otherwise they are the contiguous rows ``first .. first + count``.
+    ``p_idx[first : first + count] // width`` (the lists hold flat pick positions), packed BMQ rows per
+    step (several 16-query blocks at the fine level), so each product has at least 64 rows; otherwise
+    they are the contiguous rows ``first .. first + count``.
     Accumulating transposed keeps the channel dim D as the row dim of the dk/dv products.
     """
     total = count * span_q

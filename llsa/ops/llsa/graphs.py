@@ -59,7 +59,9 @@ class _Captured:
 
 def replay(fn, tensors: tuple, args: tuple) -> tuple:
     """``fn(*tensors, *args)`` (which returns a tuple of tensors) from the graph captured for these shapes."""
-    key = (fn, args, tensors[0].device) + tuple((t.shape, t.dtype) for t in tensors)
+    # buffers made under inference mode cannot be written outside it (Lightning validates in that mode)
+    key = (fn, args, tensors[0].device, torch.is_inference_mode_enabled())
+    key += tuple((t.shape, t.dtype) for t in tensors)
     graph = _graphs.pop(key, None)
     # capture and replay on the tensors' device, whichever device is current
     with torch.cuda.device(tensors[0].device):
