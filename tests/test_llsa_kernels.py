@@ -186,3 +186,18 @@ def test_custom_ops_pass_opcheck_on_transposed_inputs(device):
     # the backward op has no backward of its own (no double backward), so its autograd checks are skipped
     torch.library.opcheck(_attention_bwd, (do, q.detach(), k.detach(), v.detach(), o, lse, pkv, sel, *args),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_every_ancestor_picks_one_coarse_token(device):
+    """All eight level-2 ancestors pick level-2 token 5 (its keys align with every query), so the
+    enriched candidates' reduction sums one key block's partials over every ancestor."""
+    torch.manual_seed(12)
+    n, d = 2048, 16
+    q, k, v = (x.detach() for x in _inputs(n, d, torch.float32, device))
+    direction = torch.randn(d, device=device)
+    q = q + 3 * direction
+    k[..., 5 * 256:6 * 256, :] += 3 * direction
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    picks = hierarchical_topk(q, k, block_size=16, topk=2, levels=3)[1]
+    assert bool((picks == 5).any(-1).all()), "construction failed: not every ancestor picked token 5"
+    _check(n, 16, 2, 3, 3, True, torch.float32, device, inputs=inputs)
