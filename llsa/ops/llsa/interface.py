@@ -22,10 +22,12 @@ HEAD_DIMS = (16, 32, 64, 128)
 # Tests set LLSA_POISON=1: outputs start as NaN so an element no kernel writes fails loudly.
 POISON = os.environ.get("LLSA_POISON") == "1"
 # Launch shapes, measured on an H100 (docs/benchmarks.md); ablations/tune_llsa.py sweeps them. shared_* and
-# fine_*: the query-owned pass; cand_*: the enriched candidates' dk/dv (keys per tile, query rows per
-# step, warps); kv_*: the fine keys' dk/dv; top_*: the coarsest level's dk/dv.
-TUNE = dict(shared_kpi=4, shared_warps=4, shared_stages=2, fine_warps=4, fine_stages=3, cand_keys=64,
-            cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4, kv_stages=2, top_keys=64, top_warps=4)
+# fine_*: the query-owned pass (fine_keys: keys per tile of the fine segment); cand_*: the enriched
+# candidates' dk/dv (keys per tile, query rows per step, warps); kv_*: the fine keys' dk/dv; top_*: the
+# coarsest level's dk/dv.
+TUNE = dict(shared_kpi=4, shared_warps=4, shared_stages=2, fine_keys=64, fine_warps=4, fine_stages=3,
+            cand_keys=64, cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4, kv_stages=2, top_keys=64,
+            top_warps=4)
 # Programs wanted for the coarsest level's dk/dv, which splits the queries into chunks to get them.
 TOP_PROGRAMS = 2048
 
@@ -52,11 +54,6 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _kpi(block: int) -> int:
-    """Picks per key tile: 64-key tiles for 16- and 32-token blocks."""
-    return max(1, 64 // block)
 
 
 def _out(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -97,7 +94,8 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, do, lse, delta, out, part, plse, qk_
     llsa_q_kernel[(lay.sizes[1], bh)](
         q, k, v, pkv[0], pkv[1], sel, meta, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
         lay.n_seg, lay.levels, qk_scale, BM=lay.block, FINE=True, SHARED=False, MERGE=shared, SWAP=True,
-        KPI=_kpi(lay.block), num_warps=TUNE["fine_warps"], num_stages=TUNE["fine_stages"], **common)
+        KPI=max(1, TUNE["fine_keys"] // lay.block), num_warps=TUNE["fine_warps"],
+        num_stages=TUNE["fine_stages"], **common)
 
 
 def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, scale: float):
