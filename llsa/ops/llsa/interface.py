@@ -213,6 +213,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, o, lse, pkv, sel)
     ctx.args = tuple(args)
     ctx.mark_non_differentiable(lse, pkv, sel)
+    # only o is differentiable: no zero gradients need be made for the others
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, _dlse, _dpkv, _dsel):
