@@ -45,7 +45,9 @@ class _Captured:
             fn(*self.inputs, *args)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread-local: other threads' CUDA calls meanwhile (a DataLoader's pinning, NCCL's watchdog) must
+        # neither fail nor break this capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outputs = fn(*self.inputs, *args)
 
     def __call__(self, tensors):
