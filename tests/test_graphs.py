@@ -64,5 +64,23 @@ def test_inference_mode_gets_its_own_capture(fake_graphs):
     assert len(fake_graphs) == 2
 
 
+def test_a_failed_capture_warns_once_and_runs_those_shapes_eagerly(fake_graphs, monkeypatch):
+    attempts = []
+
+    class _Failing:
+        def __init__(self, fn, tensors, args):
+            attempts.append(fn)
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_Captured", _Failing)
+    a = torch.ones(2, 3)
+    with pytest.warns(RuntimeWarning, match="run eagerly"):
+        (out,) = graphs.replay(_scaled, (a, a), (2.0,))
+    assert torch.equal(out, torch.full((2, 3), 3.0))
+    (out,) = graphs.replay(_scaled, (a, a * 2), (2.0,))
+    assert torch.equal(out, torch.full((2, 3), 4.0))
+    assert len(attempts) == 1, "a shape whose capture failed must not be captured again"
+
+
 def test_graphs_are_only_for_small_cuda_tensors_outside_a_capture():
     assert not graphs.usable(torch.ones(4, 4)), "CPU tensors never replay graphs"

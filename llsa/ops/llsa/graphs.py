@@ -5,11 +5,13 @@ An eager LLSA call makes 5-7 Triton launches forward and ~12 backward; with Pyth
 (docs/benchmarks.md). Up to ``GRAPH_MAX_ELEMENTS`` each distinct (shapes, dtypes, arguments) is
 captured once into a CUDA graph with static input buffers: a call copies its inputs in, replays, and
 copies the outputs out, one graph launch and two batched copies. Larger problems run eagerly, where the
-GPU time hides the host's and the copies would only add. ``LLSA_CUDA_GRAPHS=0`` turns graphs off;
+GPU time hides the host's and the copies would only add. A shape whose capture fails runs eagerly from
+then on, with one warning. ``LLSA_CUDA_GRAPHS=0`` turns graphs off;
 ``clear()`` frees the captured graphs and their memory: each keeps static copies of its inputs and
 outputs and its own temporaries, roughly 6x q's size for a forward and 12x for a backward.
 """
 import os
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -21,6 +23,8 @@ MAX_GRAPHS = 8
 ENABLED = os.environ.get("LLSA_CUDA_GRAPHS", "1") != "0"
 
 _graphs: OrderedDict = OrderedDict()
+# Cached in place of a graph for shapes whose capture failed: they run eagerly.
+_EAGER = object()
 
 
 def usable(q: torch.Tensor) -> bool:
@@ -68,8 +72,15 @@ def replay(fn, tensors: tuple, args: tuple) -> tuple:
     # capture and replay on the tensors' device, whichever device is current
     with torch.cuda.device(tensors[0].device):
         if graph is None:
-            graph = _Captured(fn, tensors, args)
+            try:
+                graph = _Captured(fn, tensors, args)
+            except RuntimeError as err:
+                warnings.warn(f"llsa: capturing a CUDA graph failed ({type(err).__name__}: {err}); "
+                              "these shapes run eagerly", RuntimeWarning, stacklevel=3)
+                graph = _EAGER
             if len(_graphs) >= MAX_GRAPHS:
                 _graphs.popitem(last=False)
         _graphs[key] = graph
+        if graph is _EAGER:
+            return fn(*tensors, *args)
         return graph(tensors)
