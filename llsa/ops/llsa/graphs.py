@@ -4,7 +4,7 @@ An eager LLSA call makes 5-7 Triton launches forward and ~12 backward; with Pyth
 0.5 ms forward and 2 ms backward on the host at 4,096 tokens, against ~0.07 / 0.3 ms of kernels
 (docs/benchmarks.md). Up to ``GRAPH_MAX_ELEMENTS`` each distinct (shapes, dtypes, arguments) is
 captured once into a CUDA graph with static input buffers: a call copies its inputs in, replays, and
-copies the outputs out, one graph launch and two batched copies. Larger problems run eagerly, where the
+copies the outputs out: one graph launch and a few copies. Larger problems run eagerly, where the
 GPU time hides the host's and the copies would only add. A shape whose capture fails runs eagerly from
 then on, with one warning. ``LLSA_CUDA_GRAPHS=0`` turns graphs off;
 ``clear()`` frees the captured graphs and their memory: each keeps static copies of its inputs and
