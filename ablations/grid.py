@@ -357,9 +357,15 @@ def _recorded_overrides(run: Run) -> dict[str, str]:
     return {k: format_value(v) for k, v in run.overrides.items()}
 
 
-def _identity(grid: Grid, run: Run) -> str:
-    """What makes two runs the same training: the base config and every override (not the run's name)."""
-    return json.dumps([str(grid.base) if grid.base else None, _recorded_overrides(run)], sort_keys=True)
+def _base_name(grid: Grid) -> str | None:
+    """The grid's base config as recorded in a run's STARTED marker."""
+    return str(grid.base) if grid.base else None
+
+
+def _identity(base: str | None, overrides: dict[str, str]) -> str:
+    """What makes two runs the same training: the base config and every recorded override (not the run's
+    name), for a run about to start and for one found finished in the folder alike."""
+    return json.dumps([base, overrides], sort_keys=True)
 
 
 def _finished_runs(out: Path) -> dict[str, str]:
@@ -371,7 +377,7 @@ def _finished_runs(out: Path) -> dict[str, str]:
         done = read_marker(run_dir, DONE) if run_dir.is_dir() and not run_dir.is_symlink() else None
         if done and "overrides" in done:
             base = (read_marker(run_dir, STARTED) or {}).get("base")
-            found.setdefault(json.dumps([base, done["overrides"]], sort_keys=True), run_dir.name)
+            found.setdefault(_identity(base, done["overrides"]), run_dir.name)
     return found
 
 
@@ -394,7 +400,7 @@ def shared_runs(grids: list[Grid], out: Path) -> dict[str, str]:
     shared: dict[str, str] = {}
     for grid in grids:
         for run in grid.runs:
-            key = _identity(grid, run)
+            key = _identity(_base_name(grid), _recorded_overrides(run))
             first = owner.setdefault(key, run.name)
             own = out / run.name
             if first != run.name and (own.is_symlink() or not own.exists()):
@@ -541,7 +547,7 @@ def run_grid(grids: Grid | list[Grid], out: str | os.PathLike, *, gpus: str = "a
         grid = grid_of[run.name]
         cmd = command_for(grid, run, out, runner)
         (run_dir / STARTED).write_text(json.dumps({"command": cmd, "overrides": _recorded_overrides(run),
-                                                   "base": str(grid.base) if grid.base else None}, indent=1))
+                                                   "base": _base_name(grid)}, indent=1))
         env = dict(os.environ)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
