@@ -53,14 +53,6 @@ def _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, p_idx, first,
 
 
 @triton.jit
-def _key_tile(K, V, o_kr, o_row, m_row, o_d, span, N, D: tl.constexpr, REWEIGHT: tl.constexpr):
-    """A key-owned tile: rows ``o_kr`` of K and V ([BK, D]) and the log2 weights of level rows ``o_row``."""
-    b_k = tl.load(K + o_kr[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
-    b_v = tl.load(V + o_kr[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
-    return b_k, b_v, _log2_weight(o_row, m_row, span, N, REWEIGHT)
-
-
-@triton.jit
 def llsa_kv_kernel(Q, K, V, DO, LSE, DELTA, META, ROWPTR, IDX, DK, DV, DPK, DPV, N, n_pool, levels, qk_scale,
                    B: tl.constexpr, D: tl.constexpr, BMQ: tl.constexpr, POOLED: tl.constexpr,
                    REWEIGHT: tl.constexpr, PREC: tl.constexpr):
@@ -75,8 +67,10 @@ def llsa_kv_kernel(Q, K, V, DO, LSE, DELTA, META, ROWPTR, IDX, DK, DV, DPK, DPV,
     o_r = i_u * B + tl.arange(0, B)
     m_r = o_r < N
     o_kr = i_bh * N + o_r
-    # [B, D], [B, D], [B]
-    b_k, b_v, b_bias = _key_tile(K, V, o_kr, o_r, m_r, o_d, 1, N, D, REWEIGHT)
+    # [B, D]
+    b_k = tl.load(K + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+    b_v = tl.load(V + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+    b_bias = _log2_weight(o_r, m_r, 1, N, REWEIGHT)
     # [D, B]
     b_dkt = tl.zeros([D, B], dtype=tl.float32)
     b_dvt = tl.zeros([D, B], dtype=tl.float32)
@@ -127,9 +121,11 @@ def llsa_cand_kv_kernel(Q, PK, PV, DO, LSE, DELTA, META, SEL, PART_K, PART_V, N,
     o_d = tl.arange(0, D)
     o_n = tl.arange(0, BN)
     o_row, m_row = _cand_rows(SEL + i_bh * n_sel + sel_up + i_a * w_up, w_up, i_it, n_l, o_n, B, KPI)
-    # [BN, D], [BN, D], [BN]
-    b_k, b_v, b_bias = _key_tile(PK, PV, i_bh * n_pool + off_l + o_row, o_row, m_row, o_d, span_l, N, D,
-                                 REWEIGHT)
+    o_kr = i_bh * n_pool + off_l + o_row
+    # [BN, D]
+    b_k = tl.load(PK + o_kr[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
+    b_v = tl.load(PV + o_kr[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
+    b_bias = _log2_weight(o_row, m_row, span_l, N, REWEIGHT)
     # [D, BN]
     b_dkt = tl.zeros([D, BN], dtype=tl.float32)
     b_dvt = tl.zeros([D, BN], dtype=tl.float32)
@@ -191,8 +187,11 @@ def llsa_top_kv_kernel(Q, PK, PV, DO, LSE, DELTA, META, PDK, PDV, N, n_pool, lev
     o_d = tl.arange(0, D)
     o_r = i_t.to(tl.int64) * BK + tl.arange(0, BK)
     m_r = o_r < n_t
-    # [BK, D], [BK, D], [BK]
-    b_k, b_v, b_bias = _key_tile(PK, PV, i_bh * n_pool + off_t + o_r, o_r, m_r, o_d, span_t, N, D, REWEIGHT)
+    o_kr = i_bh * n_pool + off_t + o_r
+    # [BK, D]
+    b_k = tl.load(PK + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+    b_v = tl.load(PV + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+    b_bias = _log2_weight(o_r, m_r, span_t, N, REWEIGHT)
     # [D, BK]
     b_dkt = tl.zeros([D, BK], dtype=tl.float32)
     b_dvt = tl.zeros([D, BK], dtype=tl.float32)
