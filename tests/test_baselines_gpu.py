@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llsa.attention import build
-from llsa.ops.blocksparse import interface as bs_interface
+from llsa.ops import poison as poison_mod
 from llsa.ops.blocksparse import num_blocks
 from llsa.ops.sla import sla_attention
 from llsa.ops.vsa import vsa_attention
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(bs_interface, "POISON", True)
+    monkeypatch.setattr(poison_mod, "ENABLED", True)
 
 
 def _attend(method, q, k, v, extra, backend, topk):

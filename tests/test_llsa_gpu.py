@@ -161,7 +161,7 @@ def test_small_calls_replay_graphs_bitwise_like_eager_launches(monkeypatch):
         grads = torch.autograd.grad(loss, [x for qkv in inputs for x in qkv])
         return [o.detach() for o in outs] + list(grads)
 
-    graphs._graphs.clear()
+    graphs.clear()
     replayed = run()
     assert len(graphs._graphs) == 2, "expected one forward and one backward graph for the shared shape"
     monkeypatch.setattr(graphs, "ENABLED", False)
@@ -169,3 +169,45 @@ def test_small_calls_replay_graphs_bitwise_like_eager_launches(monkeypatch):
     assert not torch.equal(replayed[0], replayed[1])
     for a, b in zip(replayed, eager):
         assert torch.equal(a, b)
+
+
+def test_a_loop_on_the_same_buffers_replays_bound_graphs_bitwise_like_eager(monkeypatch):
+    """A benchmark or training loop: the same input buffers every call, rewritten in place, results
+    dropped in between. From the second call on the graphs are bound to the buffers (no copies), from
+    the third nothing is captured; every step must equal the eager launches bit for bit."""
+    from llsa.ops.llsa import graphs
+
+    n, d = 1000, 64
+    args = dict(block_size=16, topk=8, levels=2, enrich_levels=2, reweight=True, scale=d ** -0.5,
+                deterministic=True)
+    q, k, v, do = (torch.empty(2, 3, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_()
+    made = []
+    make = graphs._make
+    monkeypatch.setattr(graphs, "_make", lambda kind, *a: made.append(kind.__name__) or make(kind, *a))
+
+    def run(steps):
+        gen = torch.Generator(device="cuda").manual_seed(5)
+        results, captures = [], []
+        for _ in range(steps):
+            with torch.no_grad():
+                for x in (q, k, v, do):
+                    x.normal_(generator=gen)
+            o = llsa_attention_triton(q, k, v, **args)
+            grads = torch.autograd.grad(o, (q, k, v), do)
+            # to the host, so no device allocation disturbs the loop's own
+            results.append([t.cpu() for t in (o, *grads)])
+            captures.append(len(made))
+            del o, grads
+        return results, captures
+
+    graphs.clear()
+    replayed, captures = run(4)
+    assert made[:2] == ["_Copying", "_Copying"] and made[2:] == ["_Bound", "_Bound"], made
+    assert captures[-1] == captures[1] == 4, f"captures after each step: {captures}"
+    monkeypatch.setattr(graphs, "ENABLED", False)
+    eager, _ = run(4)
+    for step_a, step_b in zip(replayed, eager):
+        for a, b in zip(step_a, step_b):
+            assert torch.equal(a, b)

@@ -10,11 +10,9 @@ import torch
 import triton
 
 from llsa.ops.blocksparse.kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _count_kernel, _fill_kernel, _fwd_kernel
+from llsa.ops.poison import poison
 
 LOG2E = 1.4426950408889634
-# Tests set LLSA_POISON=1 (as for the LLSA kernels): every buffer a kernel should fully overwrite starts
-# as NaN.
-POISON = os.environ.get("LLSA_POISON") == "1"
 
 
 def _interpreting() -> bool:
@@ -81,9 +79,10 @@ def _launch_args(q: torch.Tensor, block_size: int, linear: bool) -> dict:
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
-    """Kernel output buffer; NaN-filled when ``POISON`` is on, so a row a kernel skips cannot pass a test."""
+    """Kernel output buffer, poisoned under test (``llsa.ops.poison``), so a row a kernel skips cannot pass."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    return out.fill_(float("nan")) if POISON else out
+    poison(out)
+    return out
 
 
 def _forward(q, k, v, idx32, block_size, scale, linear, store_o32=False):

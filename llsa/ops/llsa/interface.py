@@ -17,10 +17,9 @@ from llsa.ops.llsa.layout import Layout
 from llsa.ops.llsa.pool import pool_qkv
 from llsa.ops.llsa.select import select, unpack_sel
 from llsa.ops.llsa.transpose import transpose_level
+from llsa.ops.poison import poison
 
 HEAD_DIMS = (16, 32, 64, 128)
-# Tests set LLSA_POISON=1: outputs start as NaN so an element no kernel writes fails loudly.
-POISON = os.environ.get("LLSA_POISON") == "1"
 # Launch shapes, measured on an H100 (docs/benchmarks.md); ablations/tune_llsa.py sweeps them. shared_* and
 # fine_*: the query-owned pass (fine_keys: keys per tile of the fine segment); cand_*: the enriched
 # candidates' dk/dv (keys per tile, query rows per step, warps); kv_*: the fine keys' dk/dv; top_*: the
@@ -54,13 +53,6 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _out(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    dtype = dtype or like.dtype
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -98,29 +90,29 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, do, lse, delta, out, part, plse, qk_
         num_stages=TUNE["fine_stages"], **common)
 
 
-def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, scale: float):
-    """Returns o (BH, N, D), lse (BH, N) float32, pooled k/v (2, BH, n_pool, D), picks (BH, n_sel) int32."""
+def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, scale: float, out):
+    """Writes ``out``: o (BH, N, D), lse (BH, N) float32, pooled k/v (2, BH, n_pool, D), picks (BH, n_sel) int32."""
     bh, n, d = q.shape
+    o, lse, pkv, sel = out
+    poison(o, lse, pkv)
     pooled = pool_qkv(q, k, v, lay)
-    sel = select(pooled, lay)
-    # a fresh tensor even for float32 inputs: custom ops may not return views of their temporaries
-    pkv = pooled[1:].to(q.dtype, copy=True)
-    o = _out((bh, n, d), q)
-    lse = _out((bh, n), q, torch.float32)
+    select(pooled, lay, out=sel)
+    pkv.copy_(pooled[1:])
     part = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
     plse = torch.empty(bh, n, dtype=torch.float32, device=q.device)
     _launch_q(lay, meta, q, k, v, pkv, sel, q, lse, lse, o, part, plse, scale * LOG2E, reweight, bwd=False)
-    return o, lse, pkv, sel
 
 
 def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Tensor, reweight: bool,
-                     scale: float, deterministic: bool):
+                     scale: float, deterministic: bool, out):
+    """Writes ``out``: dq, dk, dv (BH, N, D)."""
     bh, n, d = q.shape
+    dq, dk, dv = out
+    poison(dq, dk, dv)
     prec = _prec(q.dtype)
     qk_scale = scale * LOG2E
     delta = torch.empty(bh, n, dtype=torch.float32, device=q.device)
     delta_kernel[(triton.cdiv(bh * n, 64),)](o, do, delta, bh * n, D=d, BR=64)
-    dq = _out((bh, n, d), q)
     dq_shared = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
     _launch_q(lay, meta, q, k, v, pkv, sel, do, lse, delta, dq, dq_shared, lse, qk_scale, reweight, bwd=True)
     dpk = torch.zeros(bh, lay.n_pool, d, dtype=torch.float32, device=q.device)
@@ -152,20 +144,32 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
             qk_scale, BK=bk, D=d, BMQ=64, REWEIGHT=reweight, PREC=prec, num_warps=TUNE["top_warps"])
         dpk[:, off:off + n_top] += part[0].sum(0)
         dpv[:, off:off + n_top] += part[1].sum(0)
-    dk = _out((bh, n, d), k)
-    dv = _out((bh, n, d), v)
     rowptr, idx = transpose_level(sel, lay.sel_off[1], lay.sizes[1], lay.widths[1], deterministic)
     llsa_kv_kernel[(lay.sizes[1], bh)](q, k, v, do, lse, delta, meta, rowptr, idx, dk, dv, dpk, dpv, n,
                                        lay.n_pool, lay.levels, qk_scale, B=lay.block, D=d, BMQ=TUNE["kv_rows"],
                                        POOLED=lay.n_seg > 1 or lay.top, REWEIGHT=reweight, PREC=prec,
                                        num_warps=TUNE["kv_warps"], num_stages=TUNE["kv_stages"])
-    return dq, dk, dv
 
 
-def _attention_fwd_impl(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale):
+def _fwd_outputs(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale):
+    """Fresh o, lse, pooled k/v and picks for ``_attention_fwd_impl`` to write."""
+    lay, _ = _layout(q.shape[-2], block_size, topk, levels, enrich_levels, q.device)
+    bh = q.shape[0] * q.shape[1]
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device),
+            torch.empty(2, bh, lay.n_pool, q.shape[-1], dtype=q.dtype, device=q.device),
+            torch.empty(bh, lay.n_sel, dtype=torch.int32, device=q.device))
+
+
+def _attention_fwd_impl(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale, out=None):
     lay, meta = _layout(q.shape[-2], block_size, topk, levels, enrich_levels, q.device)
-    o, lse, pkv, sel = forward_kernels(_flat(q), _flat(k), _flat(v), lay, meta, reweight, scale)
-    return o.view(q.shape), lse.view(q.shape[:-1]), pkv, sel
+    if out is None:
+        out = _fwd_outputs(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale)
+    o, lse, pkv, sel = out
+    n, d = q.shape[-2:]
+    forward_kernels(_flat(q), _flat(k), _flat(v), lay, meta, reweight, scale,
+                    (o.view(-1, n, d), lse.view(-1, n), pkv, sel))
+    return out
 
 
 @torch.library.custom_op("llsa::attention_fwd", mutates_args=())
@@ -184,13 +188,20 @@ def _(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale, determi
             q.new_empty(2, bh, lay.n_pool, q.shape[-1]), q.new_empty(bh, lay.n_sel, dtype=torch.int32))
 
 
+def _bwd_outputs(do, q, k, v, *_):
+    """Fresh dq, dk, dv for ``_attention_bwd_impl`` to write."""
+    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+
+
 def _attention_bwd_impl(do, q, k, v, o, lse, pkv, sel, block_size, topk, levels, enrich_levels, reweight,
-                        scale, deterministic):
+                        scale, deterministic, out=None):
     lay, meta = _layout(q.shape[-2], block_size, topk, levels, enrich_levels, q.device)
-    n = q.shape[-2]
-    dq, dk, dv = backward_kernels(_flat(do), _flat(q), _flat(k), _flat(v), _flat(o), lse.reshape(-1, n),
-                                  pkv, sel, lay, meta, reweight, scale, deterministic)
-    return dq.view(q.shape), dk.view(q.shape), dv.view(q.shape)
+    if out is None:
+        out = _bwd_outputs(do, q, k, v)
+    n, d = q.shape[-2:]
+    backward_kernels(_flat(do), _flat(q), _flat(k), _flat(v), _flat(o), lse.reshape(-1, n), pkv, sel, lay, meta,
+                     reweight, scale, deterministic, tuple(g.view(-1, n, d) for g in out))
+    return out
 
 
 @torch.library.custom_op("llsa::attention_bwd", mutates_args=())
@@ -234,7 +245,7 @@ class _LLSAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, block_size, topk, levels, enrich_levels, reweight, scale, deterministic):
         args = (block_size, topk, levels, enrich_levels, reweight, scale)
         if graphs.usable(q):
-            out = graphs.replay(_attention_fwd_impl, (q, k, v), args)
+            out = graphs.replay(_attention_fwd_impl, (q, k, v), args, _fwd_outputs)
         else:
             out = _attention_fwd_impl(q, k, v, *args)
         _setup_context(ctx, (q, k, v, *args, deterministic), out)
@@ -244,7 +255,7 @@ class _LLSAFunction(torch.autograd.Function):
     def backward(ctx, do, _dlse, _dpkv, _dsel):
         saved = (do.contiguous(), *ctx.saved_tensors)
         if graphs.usable(do):
-            dq, dk, dv = graphs.replay(_attention_bwd_impl, saved, ctx.args)
+            dq, dk, dv = graphs.replay(_attention_bwd_impl, saved, ctx.args, _bwd_outputs)
         else:
             dq, dk, dv = _attention_bwd_impl(*saved, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None, None

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from llsa.ops.llsa.layout import Layout
 from llsa.ops.llsa.naive import _top_smallest_ties
+from llsa.ops.poison import poison
 
 # Three tf32 products recover fp32 accuracy on tensor cores; near-ties may still order differently
 # from a float32 matmul, exactly as two float32 summation orders do.
@@ -73,11 +74,13 @@ def select_kernel(PQ, PK, SEL, n_l, k_up, k_out, sel_off_l, sel_off_up, pool_off
              mask=(b_chosen > 0) & m_q[:, None])
 
 
-def select(pooled: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """Picks of every level from float32 pooled (3, BH, n_pool, D); returns int32 (BH, n_sel)."""
+def select(pooled: torch.Tensor, lay: Layout, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Picks of every level from float32 pooled (3, BH, n_pool, D) as int32 (BH, n_sel), written to ``out``
+    if given (every element is written)."""
     _, bh, _, d = pooled.shape
     pq, pk = pooled[0], pooled[1]
-    sel = torch.empty((bh, lay.n_sel), dtype=torch.int32, device=pooled.device)
+    sel = torch.empty((bh, lay.n_sel), dtype=torch.int32, device=pooled.device) if out is None else out
+    poison(sel)
     top = lay.levels
     n_top, off = lay.sizes[top], lay.pool_off[top]
     if n_top <= DENSE_MAX:
