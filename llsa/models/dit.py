@@ -108,6 +108,9 @@ def build_dit(size: str, **overrides) -> "DiT":
     return DiT(DiTConfig(**{**DIT_SIZES[size], **overrides}))
 
 
+# Run eagerly under torch.compile: traced, the tables would be rebuilt on the CPU and copied to the GPU on
+# every step (four synchronising host-to-device copies); eagerly the cache answers.
+@torch.compiler.disable
 @lru_cache(maxsize=8)
 def _token_grid(hp: int, wp: int, rope_grid: tuple[int, int], head_dim: int, reorder: bool,
                 device: torch.device):
