@@ -115,9 +115,13 @@ def check(method: Method, n: int, b: int, h: int, d: int, dtype) -> str | None:
     return None
 
 
-def time_method(fn, q, k, v, do, graph: bool = False) -> dict[str, float | str]:
+def time_method(fn, q, k, v, do, graph: bool = False, repeat: int = 1) -> dict[str, float | str]:
     """Median ms of forward and forward+backward; with ``graph``, also replayed from a CUDA graph, which
-    takes the host (Python, launches) out of the time and leaves the GPU's own."""
+    takes the host (Python, launches) out of the time and leaves the GPU's own. With ``repeat`` > 1 the
+    eager timings are the median of that many ``do_bench`` medians, and their range is kept: where the
+    host bounds a call, its time moves with the machine's scheduling from one run to the next."""
+    import statistics
+
     from triton.testing import do_bench, do_bench_cudagraph
 
     def fwd():
@@ -126,9 +130,12 @@ def time_method(fn, q, k, v, do, graph: bool = False) -> dict[str, float | str]:
     def step():
         fn(q, k, v).backward(do)
 
-    out: dict[str, float | str] = {
-        "fwd_ms": do_bench(fwd, warmup=25, rep=100, return_mode="median"),
-        "fwdbwd_ms": do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")}
+    out: dict[str, float | str] = {}
+    for key, f, grads in (("fwd_ms", fwd, None), ("fwdbwd_ms", step, [q, k, v])):
+        runs = [do_bench(f, warmup=25, rep=100, grad_to_none=grads, return_mode="median") for _ in range(repeat)]
+        out[key] = statistics.median(runs)
+        if repeat > 1:
+            out[f"{key}_range"] = f"{min(runs):.3f}-{max(runs):.3f}"
     if graph:
         for key, f, grads in (("fwd_graph_ms", fwd, None), ("fwdbwd_graph_ms", step, [q, k, v])):
             try:
@@ -177,12 +184,17 @@ def parse(argv):
                    help="sparse methods to time beside SDPA (llsa, vsa, sla)")
     p.add_argument("--cudagraph", action="store_true",
                    help="also time every method replayed from a CUDA graph (GPU time without host overhead)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="time each eager pass this many times and report the median (and the range)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.csv and bench.png")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.repeat < 1:
+        print(f"bench: --repeat must be >= 1, got {args.repeat}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("bench: needs a CUDA GPU (the kernels are timed against FlashAttention)", file=sys.stderr)
         return 2
@@ -214,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype).requires_grad_() for _ in range(3))
         do = torch.randn_like(q)
         dense = 4 * b * h * n * n * d
-        base = time_method(sdpa, q, k, v, do, args.cudagraph)
+        base = time_method(sdpa, q, k, v, do, args.cudagraph, args.repeat)
         rows.append(dict(n=n, method="sdpa", levels="", keys=n, **base,
                          **_rates(base, base, executed=dense, dense=dense)))
         print(_row_line(rows[-1]), flush=True)
@@ -226,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(dict(n=n, method=m.name, levels="", keys="", fwd_ms="failed",
                                      fwdbwd_ms="failed"))
                     continue
-                times = time_method(m.run, q, k, v, do, args.cudagraph)
+                times = time_method(m.run, q, k, v, do, args.cudagraph, args.repeat)
             except torch.OutOfMemoryError:
                 print(f"bench: {m.name} at N={n} ran out of GPU memory")
                 rows.append(dict(n=n, method=m.name, levels="", keys="", fwd_ms="oom", fwdbwd_ms="oom"))
@@ -244,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
 
 COLUMNS = ["n", "method", "levels", "keys", "fwd_ms", "fwdbwd_ms", "fwd_speedup", "fwdbwd_speedup",
            "fwd_tflops_exec", "fwd_tflops_dense", "fwdbwd_tflops_exec", "fwdbwd_tflops_dense",
-           "fwd_graph_ms", "fwdbwd_graph_ms", "fwd_graph_speedup", "fwdbwd_graph_speedup"]
+           "fwd_graph_ms", "fwdbwd_graph_ms", "fwd_graph_speedup", "fwdbwd_graph_speedup", "fwd_ms_range",
+           "fwdbwd_ms_range"]
 
 
 def _rates(times: dict, base: dict, executed: float, dense: float) -> dict[str, float]:

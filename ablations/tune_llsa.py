@@ -22,6 +22,7 @@ from llsa.ops.llsa.select import select
 # Groups of TUNE keys swept together, and the values tried.
 GROUPS = {
     "forward": {
+        "pool": dict(pool_rows=[64, 128, 256], pool_warps=[2, 4, 8]),
         "shared": dict(shared_kpi=[4, 8], shared_warps=[4, 8], shared_stages=[2, 3, 4]),
         "fine": dict(fine_keys=[64, 128], fine_warps=[4, 8], fine_stages=[2, 3, 4]),
     },

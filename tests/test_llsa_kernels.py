@@ -203,12 +203,14 @@ def test_every_ancestor_picks_one_coarse_token(device):
     _check(n, 16, 2, 3, 3, True, torch.float32, device, inputs=inputs)
 
 
+@pytest.mark.parametrize("tiles", [
+    dict(pool_rows=256, shared_kpi=8, fine_keys=128, cand_keys=128, cand_rows=128, kv_rows=256, top_keys=128),
+    dict(pool_rows=64)], ids=["wide", "narrow"])
 @pytest.mark.parametrize("case", [CASES[4], CASES[7]], ids=["N700-L3", "N200-B32"])
-def test_kernels_match_reference_at_the_other_swept_tile_shapes(case, device, monkeypatch):
+def test_kernels_match_reference_at_the_other_swept_tile_shapes(case, tiles, device, monkeypatch):
     """tune_llsa may pick any tile shape it sweeps; each must compute the same attention."""
     from llsa.ops.llsa import interface
 
-    wide = dict(shared_kpi=8, fine_keys=128, cand_keys=128, cand_rows=128, kv_rows=256, top_keys=128)
-    monkeypatch.setattr(interface, "TUNE", {**interface.TUNE, **wide})
+    monkeypatch.setattr(interface, "TUNE", {**interface.TUNE, **tiles})
     torch.manual_seed(sum(case[:5]) + 1)
     _check(*case, torch.float32, device)

@@ -20,13 +20,13 @@ from llsa.ops.llsa.transpose import transpose_level
 from llsa.ops.poison import poison
 
 HEAD_DIMS = (16, 32, 64, 128)
-# Launch shapes, measured on an H100 (docs/benchmarks.md); ablations/tune_llsa.py sweeps them. shared_* and
-# fine_*: the query-owned pass (fine_keys: keys per tile of the fine segment); cand_*: the enriched
-# candidates' dk/dv (keys per tile, query rows per step, warps); kv_*: the fine keys' dk/dv; top_*: the
-# coarsest level's dk/dv.
-TUNE = dict(shared_kpi=4, shared_warps=4, shared_stages=2, fine_keys=64, fine_warps=4, fine_stages=2,
-            cand_keys=64, cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4, kv_stages=2, top_keys=64,
-            top_warps=4)
+# Launch shapes, measured on an H100 (docs/benchmarks.md); ablations/tune_llsa.py sweeps them. pool_*: input
+# rows per pooling program, warps; shared_* and fine_*: the query-owned pass (fine_keys: keys per tile of
+# the fine segment); cand_*: the enriched candidates' dk/dv (keys per tile, query rows per step, warps);
+# kv_*: the fine keys' dk/dv; top_*: the coarsest level's dk/dv.
+TUNE = dict(pool_rows=128, pool_warps=4, shared_kpi=4, shared_warps=4, shared_stages=2, fine_keys=64,
+            fine_warps=4, fine_stages=2, cand_keys=64, cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4,
+            kv_stages=2, top_keys=64, top_warps=4)
 # Programs wanted for the coarsest level's dk/dv, which splits the queries into chunks to get them.
 TOP_PROGRAMS = 2048
 
@@ -95,7 +95,7 @@ def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, sc
     bh, n, d = q.shape
     o, lse, pkv, sel = out
     poison(o, lse, pkv)
-    pooled = pool_qkv(q, k, v, lay)
+    pooled = pool_qkv(q, k, v, lay, TUNE["pool_rows"], TUNE["pool_warps"])
     select(pooled, lay, out=sel)
     pkv.copy_(pooled[1:])
     part = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)

@@ -48,20 +48,22 @@ def pool_kernel(XQ, XK, XV, YQ, YK, YV, n_in, n_out, n_total, span_in, stride_x,
               B, D, BT, WEIGHTED)
 
 
-def pool_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """Pooled means of levels 1..L for (BH, N, D) contiguous q, k, v.
+def pool_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, rows: int = 128,
+             warps: int = 4) -> torch.Tensor:
+    """Pooled means of levels 1..L for (BH, N, D) contiguous q, k, v; each program reads ``rows`` input rows
+    (a power of two) of each.
 
     Returns float32 ``(3, BH, n_pool, D)``: q, k, v stacked, levels stacked along rows as ``lay.pool_off``.
     """
     bh, n, d = q.shape
     out = torch.empty((3, bh, lay.n_pool, d), dtype=torch.float32, device=q.device)
-    bt = max(1, 128 // lay.block)
+    bt = max(1, rows // lay.block)
     src, stride_x, x_off = (q, k, v), n * d, 0
     for level in range(1, lay.levels + 1):
         n_in, n_out = lay.sizes[level - 1], lay.sizes[level]
         grid = (triton.cdiv(n_out, bt), bh)
         pool_kernel[grid](*src, out[0], out[1], out[2], n_in, n_out, n, lay.spans[level - 1], stride_x, x_off,
                           lay.n_pool * d, lay.pool_off[level], B=lay.block, D=d, BT=bt, WEIGHTED=level > 1,
-                          num_warps=4)
+                          num_warps=warps)
         src, stride_x, x_off = (out[0], out[1], out[2]), lay.n_pool * d, lay.pool_off[level]
     return out
