@@ -24,7 +24,7 @@ HEAD_DIMS = (16, 32, 64, 128)
 # rows per pooling program, warps; shared_* and fine_*: the query-owned pass (fine_keys: keys per tile of
 # the fine segment); cand_*: the enriched candidates' dk/dv (keys per tile, query rows per step, warps);
 # kv_*: the fine keys' dk/dv; top_*: the coarsest level's dk/dv.
-TUNE = dict(pool_rows=128, pool_warps=4, shared_kpi=4, shared_warps=4, shared_stages=2, fine_keys=64,
+TUNE = dict(pool_rows=256, pool_warps=2, shared_kpi=4, shared_warps=4, shared_stages=2, fine_keys=64,
             fine_warps=4, fine_stages=2, cand_keys=64, cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4,
             kv_stages=2, top_keys=64, top_warps=4)
 # Programs wanted for the coarsest level's dk/dv, which splits the queries into chunks to get them.
