@@ -53,6 +53,19 @@ def _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, p_idx, first,
 
 
 @triton.jit
+def _key_tile(K, V, o_kr, o_row, m_row, o_d, span, N, D: tl.constexpr, BN: tl.constexpr, REWEIGHT: tl.constexpr):
+    """The BN key and value rows at flat rows ``o_kr`` (valid where ``m_row``; ``o_row`` is their index in
+    their level, whose tokens cover ``span`` originals each), their log2 weights, and zeroed dk^T, dv^T."""
+    # [BN, D]
+    b_k = tl.load(K + o_kr[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
+    b_v = tl.load(V + o_kr[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
+    b_bias = _log2_weight(o_row, m_row, span, N, REWEIGHT)
+    # [D, BN]
+    b_zero = tl.zeros([D, BN], dtype=tl.float32)
+    return b_k, b_v, b_bias, b_zero, b_zero
+
+
+@triton.jit
 def llsa_kv_kernel(Q, K, V, DO, LSE, DELTA, META, ROWPTR, IDX, DK, DV, DPK, DPV, N, n_pool, levels, qk_scale,
                    B: tl.constexpr, D: tl.constexpr, BMQ: tl.constexpr, POOLED: tl.constexpr,
                    REWEIGHT: tl.constexpr, PREC: tl.constexpr):
@@ -67,13 +80,7 @@ def llsa_kv_kernel(Q, K, V, DO, LSE, DELTA, META, ROWPTR, IDX, DK, DV, DPK, DPV,
     o_r = i_u * B + tl.arange(0, B)
     m_r = o_r < N
     o_kr = i_bh * N + o_r
-    # [B, D]
-    b_k = tl.load(K + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
-    b_v = tl.load(V + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
-    b_bias = _log2_weight(o_r, m_r, 1, N, REWEIGHT)
-    # [D, B]
-    b_dkt = tl.zeros([D, B], dtype=tl.float32)
-    b_dvt = tl.zeros([D, B], dtype=tl.float32)
+    b_k, b_v, b_bias, b_dkt, b_dvt = _key_tile(K, V, o_kr, o_r, m_r, o_d, 1, N, D, B, REWEIGHT)
     p_ptr = ROWPTR + i_bh * (n_up + 1) + i_u
     first = tl.load(p_ptr)
     count = tl.load(p_ptr + 1) - first
@@ -122,13 +129,7 @@ def llsa_cand_kv_kernel(Q, PK, PV, DO, LSE, DELTA, META, SEL, PART_K, PART_V, N,
     o_n = tl.arange(0, BN)
     o_row, m_row = _cand_rows(SEL + i_bh * n_sel + sel_up + i_a * w_up, w_up, i_it, n_l, o_n, B, KPI)
     o_kr = i_bh * n_pool + off_l + o_row
-    # [BN, D]
-    b_k = tl.load(PK + o_kr[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
-    b_v = tl.load(PV + o_kr[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
-    b_bias = _log2_weight(o_row, m_row, span_l, N, REWEIGHT)
-    # [D, BN]
-    b_dkt = tl.zeros([D, BN], dtype=tl.float32)
-    b_dvt = tl.zeros([D, BN], dtype=tl.float32)
+    b_k, b_v, b_bias, b_dkt, b_dvt = _key_tile(PK, PV, o_kr, o_row, m_row, o_d, span_l, N, D, BN, REWEIGHT)
     first = i_a * span_q
     count = tl.minimum(span_q, N - first)
     b_dkt, b_dvt = _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, SEL, first, count, 1, 1, i_bh,
@@ -188,13 +189,7 @@ def llsa_top_kv_kernel(Q, PK, PV, DO, LSE, DELTA, META, PDK, PDV, N, n_pool, lev
     o_r = i_t.to(tl.int64) * BK + tl.arange(0, BK)
     m_r = o_r < n_t
     o_kr = i_bh * n_pool + off_t + o_r
-    # [BK, D]
-    b_k = tl.load(PK + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
-    b_v = tl.load(PV + o_kr[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
-    b_bias = _log2_weight(o_r, m_r, span_t, N, REWEIGHT)
-    # [D, BK]
-    b_dkt = tl.zeros([D, BK], dtype=tl.float32)
-    b_dvt = tl.zeros([D, BK], dtype=tl.float32)
+    b_k, b_v, b_bias, b_dkt, b_dvt = _key_tile(PK, PV, o_kr, o_r, m_r, o_d, span_t, N, D, BK, REWEIGHT)
     first = i_c.to(tl.int64) * chunk
     count = tl.minimum(first + chunk, N) - first
     b_dkt, b_dvt = _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, LSE, first, count, 1, 1, i_bh,
