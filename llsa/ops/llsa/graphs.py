@@ -9,7 +9,7 @@ the backward ~1.7 ms on the host against ~0.07 / 0.2 ms of kernels (docs/benchma
   call, so a replay launches one graph and copies nothing. It is keyed by the addresses and strides of
   all of them, so it only replays where every input and output sits where it sat at capture; the
   caching allocator hands a loop that repeats the same work the same blocks, so benchmarks and steady
-  training loops hit it from their third call. An address set is captured the second time it is seen.
+  training loops settle on it within a few calls. An address set is captured the second time it is seen.
 - **copying**: one per (shapes, dtypes, arguments), on static buffers of its own: inputs are copied in
   and outputs copied out (~20 us of host time and a few us of GPU time per tensor group). It serves
   every call without a bound graph, such as first sightings.
