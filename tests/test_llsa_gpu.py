@@ -114,6 +114,7 @@ def test_compiled_dit_matches_eager(mode):
     """torch.compile (inductor; reduce-overhead adds CUDA graphs) of a DiT with the LLSA kernels: same
     loss and gradients as eager, on the third call (the graphed one under reduce-overhead)."""
     from llsa.models import build_dit
+    from llsa.ops.llsa import interface
 
     torch.manual_seed(0)
     eager = build_dit("DiT-T", image_size=64, in_channels=1, patch_size=1, attention="llsa").cuda()
@@ -127,6 +128,10 @@ def test_compiled_dit_matches_eager(mode):
     x, t = torch.randn(2, 1, 64, 64, device="cuda"), torch.rand(2, device="cuda") * 1000
     losses = []
     for model, calls in ((eager, 1), (compiled, 3)):
+        # the compiled model meets these shapes first, as in a fresh process: reduce-overhead's warm-up
+        # must not keep the kernels' layout table in its graph pool
+        torch.cuda.synchronize()
+        interface._layouts.clear()
         for _ in range(calls):
             model.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -3,8 +3,8 @@
 The forward and backward are ``torch.library`` custom ops with fake (meta) implementations, so
 ``torch.compile`` traces a model that calls LLSA without graph breaks.
 """
-import functools
 import os
+import threading
 
 import torch
 import triton
@@ -55,10 +55,45 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@functools.lru_cache(maxsize=64)
+# (n, block, topk, levels, enrich, device) -> (Layout, its kernel table on the device); never evicted: a
+# table freed while another stream's kernels still read it could be handed out again.
+_layouts: dict = {}
+
+
 def _layout(n: int, block: int, topk: int, levels: int, enrich: int, device: torch.device):
-    lay = Layout(n, block, topk, levels, enrich)
-    return lay, lay.meta(device)
+    key = (n, block, topk, levels, enrich, device)
+    hit = _layouts.get(key)
+    if hit is None:
+        lay = Layout(n, block, topk, levels, enrich)
+        hit = _layouts[key] = (lay, _kernel_table(lay, device))
+    return hit
+
+
+def _kernel_table(lay: Layout, device: torch.device) -> torch.Tensor:
+    """``lay.meta`` on ``device``, made on a thread of its own.
+
+    torch.compile's reduce-overhead mode routes the calling thread's allocations into its CUDA-graph pool
+    while it warms a graph up, and that pool may keep nothing beyond the graph's outputs: a table cached
+    from there fails its check ("tensor(s) in the cudagraph pool not tracked as outputs").
+    """
+    if device.type != "cuda":
+        return lay.meta(device)
+    made = {}
+
+    def make():
+        try:
+            made["table"] = lay.meta(device)
+            # the copy from pageable host memory may still be in flight when torch.tensor returns
+            torch.cuda.synchronize(device)
+        except Exception as err:  # re-raised on the caller's thread
+            made["error"] = err
+
+    worker = threading.Thread(target=make, name="llsa-layout")
+    worker.start()
+    worker.join()
+    if "error" in made:
+        raise made["error"]
+    return made["table"]
 
 
 def _top_chunks(n: int, key_programs: int) -> int:
