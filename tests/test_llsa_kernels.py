@@ -214,3 +214,16 @@ def test_kernels_match_reference_at_the_other_swept_tile_shapes(case, tiles, dev
     monkeypatch.setattr(interface, "TUNE", {**interface.TUNE, **tiles})
     torch.manual_seed(sum(case[:5]) + 1)
     _check(*case, torch.float32, device)
+
+
+def test_layout_tables_are_made_on_their_own_thread_and_errors_reach_the_caller():
+    """The kernels' layout table is built on a worker thread (out of reach of reduce-overhead's graph
+    pool); what the worker makes must be the table, and what it raises must surface in the caller."""
+    from llsa.ops.llsa import interface
+
+    lay = Layout(300, 16, 3, 2, 2)
+    if torch.cuda.is_available():
+        assert torch.equal(interface._kernel_table(lay, torch.device("cuda")).cpu(), lay.meta("cpu"))
+    else:
+        with pytest.raises((RuntimeError, AssertionError)):
+            interface._kernel_table(lay, torch.device("cuda"))
