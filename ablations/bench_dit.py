@@ -36,16 +36,20 @@ def time_steps(size, res, batch, attn, levels, steps, warmup, compile_mode=None,
     flow = FlowMatching(image_size=res)
     gen = torch.Generator(device="cuda").manual_seed(0)
     x0 = torch.rand(batch, 3, res, res, device="cuda", generator=gen) * 2 - 1
-    times = []
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+
+    def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = flow.loss(model, x0, gen)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
         end.record()
         torch.cuda.synchronize()
         if i >= warmup:
@@ -54,11 +58,7 @@ def time_steps(size, res, batch, attn, levels, steps, warmup, compile_mode=None,
     report = ""
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = flow.loss(model, x0, gen)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step()
             torch.cuda.synchronize()
         report = _kernel_report(prof, attn, profile)
     del model, opt

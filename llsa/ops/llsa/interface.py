@@ -129,7 +129,7 @@ def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, sc
     """Writes ``out``: o (BH, N, D), lse (BH, N) float32, pooled k/v (2, BH, n_pool, D), picks (BH, n_sel) int32."""
     bh, n, d = q.shape
     o, lse, pkv, sel = out
-    poison(o, lse, pkv)
+    poison(o, lse)
     pooled = pool_qkv(q, k, v, lay, TUNE["pool_rows"], TUNE["pool_warps"])
     select(pooled, lay, out=sel)
     pkv.copy_(pooled[1:])
@@ -186,14 +186,16 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
                                        num_warps=TUNE["kv_warps"], num_stages=TUNE["kv_stages"])
 
 
-def _fwd_outputs(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale):
-    """Fresh o, lse, pooled k/v and picks for ``_attention_fwd_impl`` to write."""
-    lay, _ = _layout(q.shape[-2], block_size, topk, levels, enrich_levels, q.device)
+def _fwd_outputs_of(q, lay: Layout):
+    """Fresh o, lse, pooled k/v and picks (contiguous whatever q's strides, as the kernels write them)."""
     bh = q.shape[0] * q.shape[1]
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device),
-            torch.empty(2, bh, lay.n_pool, q.shape[-1], dtype=q.dtype, device=q.device),
-            torch.empty(bh, lay.n_sel, dtype=torch.int32, device=q.device))
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32),
+            q.new_empty(2, bh, lay.n_pool, q.shape[-1]), q.new_empty(bh, lay.n_sel, dtype=torch.int32))
+
+
+def _fwd_outputs(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale):
+    """Fresh outputs for ``_attention_fwd_impl`` to write."""
+    return _fwd_outputs_of(q, _layout(q.shape[-2], block_size, topk, levels, enrich_levels, q.device)[0])
 
 
 def _attention_fwd_impl(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale, out=None):
@@ -216,16 +218,13 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
 
 @_attention_fwd.register_fake
 def _(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale, deterministic):
-    lay = Layout(q.shape[-2], block_size, topk, levels, enrich_levels)
-    bh = q.shape[0] * q.shape[1]
-    # the kernels return contiguous tensors whatever q's strides (empty_like would copy them)
-    return (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32),
-            q.new_empty(2, bh, lay.n_pool, q.shape[-1]), q.new_empty(bh, lay.n_sel, dtype=torch.int32))
+    # no device table while tracing: the Layout alone gives the shapes
+    return _fwd_outputs_of(q, Layout(q.shape[-2], block_size, topk, levels, enrich_levels))
 
 
 def _bwd_outputs(do, q, k, v, *_):
-    """Fresh dq, dk, dv for ``_attention_bwd_impl`` to write."""
-    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    """Fresh dq, dk, dv for ``_attention_bwd_impl`` to write (contiguous, as the kernels write them)."""
+    return tuple(q.new_empty(q.shape) for _ in range(3))
 
 
 def _attention_bwd_impl(do, q, k, v, o, lse, pkv, sel, block_size, topk, levels, enrich_levels, reweight,
@@ -250,7 +249,7 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 @_attention_bwd.register_fake
 def _(do, q, k, v, o, lse, pkv, sel, block_size, topk, levels, enrich_levels, reweight, scale, deterministic):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return _bwd_outputs(do, q, k, v)
 
 
 def _setup_context(ctx, inputs, output):

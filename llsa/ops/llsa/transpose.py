@@ -2,9 +2,10 @@
 
 For a level with ``n`` tokens and ``w`` picks each, ``rowptr[bh, u] .. rowptr[bh, u+1]`` delimits, in
 ``idx[bh]``, the picks of token ``u``, each as its flat position ``a*w + s`` in the level's pick list (query
-token ``a``, slot ``s``): the kernels need the query (``// w``) and, for the candidate partials, the slot. The default path counts with atomics, prefix-sums
-and fills through atomic cursors, so the order inside one list depends on scheduling; the deterministic
-path orders each list by query index with a stable sort (O(P log P) instead of O(P) for P picks).
+token ``a``, slot ``s``): the kernels need the query (``// w``) and, for the candidate partials, the slot.
+The default path counts with atomics, prefix-sums and fills through atomic cursors, so the order inside
+one list depends on scheduling; the deterministic path orders each list by query index with a stable sort
+(O(P log P) instead of O(P) for P picks).
 """
 import torch
 import triton
