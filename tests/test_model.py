@@ -4,7 +4,8 @@ import torch
 from llsa.attention import ATTENTIONS
 from llsa.flow import FlowMatching
 from llsa.models import DIT_SIZES, DiT, DiTConfig, build_dit, load_lowres_checkpoint
-from llsa.models.dit import _token_grid, apply_rope
+from llsa.models.dit import _token_grid
+from llsa.ops.heads import apply_rope
 from llsa.reorder import locality_order
 
 # Tiny-image options for methods whose defaults assume large images or a GPU.

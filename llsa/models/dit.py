@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llsa import attention
+from llsa.ops.heads import merge_heads, split_heads
 from llsa.reorder import locality_order
 
 
@@ -137,14 +137,6 @@ def _token_grid(hp: int, wp: int, rope_grid: tuple[int, int], head_dim: int, reo
     return angles.cos().float().to(device), angles.sin().float().to(device), order
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs ``(2i, 2i+1)`` of ``x`` (..., N, D) by the angles behind ``cos, sin`` (N, D/2), in fp32."""
-    # [..., N, D] -> [..., N, D/2, 2]
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
-
-
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -169,16 +161,13 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm over the last dim with a learnable scale, computed in fp32 (bf16 autocast included)."""
+class QKNorm(nn.Module):
+    """The learnable scale of an RMSNorm over the head dim; ``split_heads`` normalises with it, in fp32."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
 
 
 class SelfAttention(nn.Module):
@@ -187,20 +176,18 @@ class SelfAttention(nn.Module):
         self.heads = cfg.heads
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         # RMSNorm over the head dim, before RoPE: keeps logits bounded in bf16 training.
-        norm = (lambda: RMSNorm(cfg.head_dim)) if cfg.qk_norm else nn.Identity
-        self.q_norm, self.k_norm = norm(), norm()
+        self.q_norm = QKNorm(cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = QKNorm(cfg.head_dim) if cfg.qk_norm else None
         self.method = attention.build(cfg.attention, cfg.width, cfg.heads, **cfg.attention_options)
         self.proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        # [b, n, 3 * width] -> [3, b, heads, n, head_dim]
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
-        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
+        norm = () if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        # [b, n, 3 * width] -> 3 x [b, heads, n, head_dim], q and k normalised and rotated
+        q, k, v = split_heads(self.qkv(x), self.heads, cos, sin, *norm)
         o = self.method(q, k, v, x=x)
         # [b, heads, n, head_dim] -> [b, n, width]
-        return self.proj(o.transpose(1, 2).reshape(b, n, -1))
+        return self.proj(merge_heads(o))
 
 
 class DiTBlock(nn.Module):
