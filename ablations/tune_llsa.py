@@ -23,13 +23,15 @@ from llsa.ops.llsa.select import select
 GROUPS = {
     "forward": {
         "pool": dict(pool_rows=[64, 128, 256], pool_warps=[2, 4, 8]),
-        "shared": dict(shared_kpi=[4, 8], shared_warps=[4, 8], shared_stages=[2, 3, 4]),
-        "fine": dict(fine_keys=[64, 128], fine_warps=[4, 8], fine_stages=[2, 3, 4]),
+        "fused": dict(fwd_rows=[64, 128], fwd_keys=[16, 32], fwd_warps=[4, 8], fwd_stages=[2, 3]),
+        "fused_kpi": dict(fwd_kpi=[2, 4, 8]),
     },
     "backward": {
         # num_stages=1 for the fine dk/dv kernel hit an illegal memory access on an H100 (triton 3.6), which
         # poisons the CUDA context for every later setting, so it is not tried
         "kv": dict(kv_rows=[64, 128, 256], kv_warps=[4, 8], kv_stages=[3, 2]),
+        "dq": dict(dq_rows=[64, 128], dq_keys=[16, 32], dq_warps=[4, 8], dq_stages=[2, 3]),
+        "dq_kpi": dict(dq_kpi=[2, 4, 8]),
         "top": dict(top_keys=[64, 128], top_warps=[4, 8]),
         "cand": dict(cand_keys=[64, 128], cand_rows=[64, 128], cand_warps=[4, 8]),
     },
@@ -55,7 +57,7 @@ def stage_times(ns, levels):
         print(f"N={n} L={levels}: pool {t_pool:.3f} ms, select {t_sel:.3f} ms, query-owned pass {t_q:.3f} ms")
 
 
-def sweep(direction: str, ns, levels) -> dict:
+def sweep(direction: str, ns, levels, groups=None) -> dict:
     """Coordinate descent over ``GROUPS[direction]``; returns the best TUNE found (also left in place)."""
     graphs.ENABLED = False
     calls = []
@@ -73,7 +75,10 @@ def sweep(direction: str, ns, levels) -> dict:
     def total():
         return sum(do_bench(call, return_mode="median") for call in calls)
 
+    print(f"start: {direction} {total():.3f} ms (summed over N={ns})")
     for group, space in GROUPS[direction].items():
+        if groups and group not in groups:
+            continue
         results = []
         for values in itertools.product(*space.values()):
             setting = dict(zip(space, values))
@@ -100,12 +105,13 @@ def main(argv=None):
     p.add_argument("--n", type=int, nargs="+", default=[65536, 262144])
     p.add_argument("--levels", type=int, default=2, help="levels below 262,144 tokens (3 from there)")
     p.add_argument("--sweep", choices=sorted(GROUPS), default=None, help="sweep this pass's launch shapes")
+    p.add_argument("--groups", nargs="+", default=None, help="with --sweep: only these groups of GROUPS")
     p.add_argument("--write", default=None, help="with --sweep: save the best TUNE here (JSON)")
     args = p.parse_args(argv)
     if args.sweep is None:
         stage_times(args.n, args.levels)
         return
-    best = sweep(args.sweep, args.n, args.levels)
+    best = sweep(args.sweep, args.n, args.levels, args.groups)
     if args.write:
         with open(args.write, "w") as f:
             json.dump(best, f, indent=1)

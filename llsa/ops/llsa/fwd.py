@@ -87,16 +87,83 @@ def _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_a
 
 
 @triton.jit
+def _fused_fine(b_q, b_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k_up, n_blk, i_qb, o_m, N, qk_scale,
+                p_o, p_lse, B: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, KPI: tl.constexpr,
+                BWD: tl.constexpr, PREC: tl.constexpr):
+    """The fine segment of a whole query tile after its shared part, then the tile's output: o and lse
+    (continuing the shared part's online softmax), or dq (adding to the shared part's sum).
+
+    The tile's BM / B query blocks each gather their own picked key blocks, so the products are batched
+    per query block, [G, B, D] x [G, D, BN]: no query reads another's keys, and the shared part's state
+    never leaves the registers (the split passes write and re-read it as a float32 partial)."""
+    G: tl.constexpr = BM // B
+    BN: tl.constexpr = KPI * B
+    o_g = tl.arange(0, G)
+    o_n = tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+    m_g = (i_qb + o_g) < n_blk
+    # [G, B, D], [G, B]: the tile's rows grouped by query block
+    b_q3 = tl.reshape(b_q, [G, B, D])
+    b_acc3 = tl.reshape(b_acc, [G, B, D])
+    if BWD:
+        b_do3 = tl.reshape(b_do, [G, B, D])
+        b_lse3 = tl.reshape(b_lse2, [G, B])
+        b_delta3 = tl.reshape(b_delta, [G, B])
+    else:
+        b_m3 = tl.reshape(b_m, [G, B])
+        b_l3 = tl.reshape(b_l, [G, B])
+    # [G]: where each query block's picks start
+    o_pick = (i_qb + o_g) * k_up
+    for i_it in range(0, tl.cdiv(k_up, KPI)):
+        o_slot = i_it * KPI + o_n // B
+        # [G, BN]
+        m_gn = m_g[:, None] & (o_slot < k_up)[None, :]
+        b_u = tl.load(p_pick + o_pick[:, None] + o_slot[None, :], mask=m_gn, other=0).to(tl.int64)
+        o_row = b_u * B + (o_n % B)[None, :]
+        m_row = m_gn & (o_row < N)
+        # [G, BN, D]
+        o_kv = o_row[:, :, None] * D + o_d[None, None, :]
+        b_k = tl.load(p_k + o_kv, mask=m_row[:, :, None], other=0.)
+        b_v = tl.load(p_v + o_kv, mask=m_row[:, :, None], other=0.)
+        # [G, B, BN]
+        b_s = tl.dot(b_q3, tl.permute(b_k, (0, 2, 1)), input_precision=PREC) * qk_scale
+        b_s = tl.where(m_row[:, None, :], b_s, float("-inf"))
+        if BWD:
+            b_p = tl.math.exp2(b_s - b_lse3[:, :, None])
+            b_dp = tl.dot(b_do3, tl.permute(b_v, (0, 2, 1)), input_precision=PREC)
+            b_ds = b_p * (b_dp - b_delta3[:, :, None])
+            b_acc3 += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+        else:
+            b_mn = tl.maximum(b_m3, tl.max(b_s, 2))
+            b_p = tl.math.exp2(b_s - b_mn[:, :, None])
+            b_alpha = tl.math.exp2(b_m3 - b_mn)
+            b_l3 = b_l3 * b_alpha + tl.sum(b_p, 2)
+            b_acc3 = b_acc3 * b_alpha[:, :, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+            b_m3 = b_mn
+    # [G, B]
+    o_m3 = tl.reshape(o_m, [G, B])
+    m_m3 = o_m3 < N
+    if BWD:
+        b_o = b_acc3 * (qk_scale * 0.6931471805599453)
+    else:
+        tl.store(p_lse + o_m3, (b_m3 + tl.log2(b_l3)) * 0.6931471805599453, mask=m_m3)
+        b_o = b_acc3 / b_l3[:, :, None]
+    tl.store(p_o + o_m3[:, :, None] * D + o_d[None, None, :], b_o.to(p_o.dtype.element_ty), mask=m_m3[:, :, None])
+
+
+@triton.jit
 def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, DO, LSE, DELTA, OUT, PART, PLSE, N, n_pool, n_sel, n_seg, levels,
                   qk_scale, B: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, KPI: tl.constexpr,
                   FINE: tl.constexpr, SHARED: tl.constexpr, MERGE: tl.constexpr, TOP: tl.constexpr,
-                  REWEIGHT: tl.constexpr, BWD: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr):
+                  REWEIGHT: tl.constexpr, BWD: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr,
+                  FUSED: tl.constexpr = False, FKPI: tl.constexpr = 1):
     """Forward (OUT = o, LSE written) or dq (OUT = dq; LSE and DELTA read) for BM queries.
 
     ``FINE``: segment 0, whose keys differ per query block, so BM = B. ``SHARED``: the enriched candidate
     segments and the coarsest level, whose keys all BM queries share (BM <= B^2 keeps a tile under one
     level-2 ancestor). Split runs write the shared part to PART (o and its LSE in PLSE, or dq) and the
-    fine run merges it (``MERGE``) through the log-sum-exp.
+    fine run merges it (``MERGE``) through the log-sum-exp. ``FUSED`` (with ``SHARED``): the same program
+    then runs the fine segment of its BM / B query blocks, FKPI picked blocks per step, and writes the result.
     """
     BN: tl.constexpr = KPI * B
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -169,21 +236,27 @@ def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, DO, LSE, DELTA, OUT, PART, PLSE, N
             b_bias = _log2_weight(o_row, m_row, span_t, N, REWEIGHT)
             b_acc, b_m, b_l = _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_acc,
                                       b_m, b_l, qk_scale, D, BWD, SWAP, PREC)
-    if BWD:
-        b_out = b_acc * (qk_scale * 0.6931471805599453)
-        if MERGE:
-            b_out += tl.load(PART + p_qd, mask=m_qd, other=0.)
+    if FUSED:
+        # level 1's picks (META row 1) hold each query block's fine key blocks
+        _fused_fine(b_q, b_do, b_lse2, b_delta, b_acc, b_m, b_l, K + i_bh * N * D, V + i_bh * N * D,
+                    p_sel + tl.load(META + 6 + 2), tl.load(META + 6 + 1), tl.load(META + 6 + 0), i_qb, o_m, N,
+                    qk_scale, OUT + i_bh * N * D, LSE + i_bh * N, B, BM, D, FKPI, BWD, PREC)
     else:
-        if MERGE:
-            # [BM, D], [BM]: the shared part, normalised, and its log2-sum-exp
-            b_po = tl.load(PART + p_qd, mask=m_qd, other=0.)
-            b_plse2 = tl.load(PLSE + i_bh * N + o_m, mask=m_m, other=0.) * 1.4426950408889634
-            b_mn = tl.maximum(b_m, b_plse2)
-            b_alpha = tl.math.exp2(b_m - b_mn)
-            b_beta = tl.math.exp2(b_plse2 - b_mn)
-            b_acc = b_acc * _bq(b_alpha, SWAP) + b_po * _bq(b_beta, SWAP)
-            b_l = b_l * b_alpha + b_beta
-            b_m = b_mn
-        b_out = b_acc / _bq(b_l, SWAP)
-        tl.store(LSE + i_bh * N + o_m, (b_m + tl.log2(b_l)) * 0.6931471805599453, mask=m_m)
-    tl.store(OUT + p_qd, b_out.to(OUT.dtype.element_ty), mask=m_qd)
+        if BWD:
+            b_out = b_acc * (qk_scale * 0.6931471805599453)
+            if MERGE:
+                b_out += tl.load(PART + p_qd, mask=m_qd, other=0.)
+        else:
+            if MERGE:
+                # [BM, D], [BM]: the shared part, normalised, and its log2-sum-exp
+                b_po = tl.load(PART + p_qd, mask=m_qd, other=0.)
+                b_plse2 = tl.load(PLSE + i_bh * N + o_m, mask=m_m, other=0.) * 1.4426950408889634
+                b_mn = tl.maximum(b_m, b_plse2)
+                b_alpha = tl.math.exp2(b_m - b_mn)
+                b_beta = tl.math.exp2(b_plse2 - b_mn)
+                b_acc = b_acc * _bq(b_alpha, SWAP) + b_po * _bq(b_beta, SWAP)
+                b_l = b_l * b_alpha + b_beta
+                b_m = b_mn
+            b_out = b_acc / _bq(b_l, SWAP)
+            tl.store(LSE + i_bh * N + o_m, (b_m + tl.log2(b_l)) * 0.6931471805599453, mask=m_m)
+        tl.store(OUT + p_qd, b_out.to(OUT.dtype.element_ty), mask=m_qd)

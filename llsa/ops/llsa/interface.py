@@ -21,12 +21,14 @@ from llsa.ops.poison import poison
 
 HEAD_DIMS = (16, 32, 64, 128)
 # Launch shapes, measured on an H100 (docs/benchmarks.md); ablations/tune_llsa.py sweeps them. pool_*: input
-# rows per pooling program, warps; shared_* and fine_*: the query-owned pass (fine_keys: keys per tile of
-# the fine segment); cand_*: the enriched candidates' dk/dv (keys per tile, query rows per step, warps);
+# rows per pooling program, warps; fwd_* and dq_*: the fused query-owned pass of the forward and of dq (query
+# rows, shared key tile in 16-key blocks, fine keys per step, warps, stages; ``*_fused=False`` runs the split
+# passes instead); shared_* and fine_*: the split passes (fine_keys: keys per tile of the fine segment); cand_*: the enriched candidates' dk/dv (keys per tile, query rows per step, warps);
 # kv_*: the fine keys' dk/dv; top_*: the coarsest level's dk/dv.
-TUNE = dict(pool_rows=256, pool_warps=2, shared_kpi=4, shared_warps=4, shared_stages=2, fine_keys=64,
-            fine_warps=4, fine_stages=2, cand_keys=64, cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4,
-            kv_stages=2, top_keys=64, top_warps=4)
+TUNE = dict(pool_rows=256, pool_warps=2, fwd_fused=True, fwd_rows=128, fwd_kpi=2, fwd_keys=32, fwd_warps=4,
+            fwd_stages=2, dq_fused=True, dq_rows=128, dq_kpi=2, dq_keys=32, dq_warps=4, dq_stages=2, shared_kpi=4,
+            shared_warps=4, shared_stages=2, fine_keys=64, fine_warps=4, fine_stages=2, cand_keys=64, cand_rows=64,
+            cand_warps=4, kv_rows=128, kv_warps=4, kv_stages=2, top_keys=64, top_warps=4)
 # Programs wanted for the coarsest level's dk/dv, which splits the queries into chunks to get them.
 TOP_PROGRAMS = 2048
 
@@ -55,8 +57,9 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# (n, block, topk, levels, enrich, device) -> (Layout, its kernel table on the device); never evicted: a
-# table freed while another stream's kernels still read it could be handed out again.
+# (n, block, topk, levels, enrich, device) -> (Layout, its kernel table on the device); never evicted (only
+# clear_layouts() frees them): a table freed while another stream's kernels or a captured graph still read it
+# could be handed out again.
 _layouts: dict = {}
 
 
@@ -67,6 +70,15 @@ def _layout(n: int, block: int, topk: int, levels: int, enrich: int, device: tor
         lay = Layout(n, block, topk, levels, enrich)
         hit = _layouts[key] = (lay, _kernel_table(lay, device))
     return hit
+
+
+def clear_layouts() -> None:
+    """Free the cached layout tables, and with them every captured CUDA graph, whose kernels read the tables
+    at the addresses they had at capture (a graph replayed after its table was freed reads freed memory)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    graphs.clear()
+    _layouts.clear()
 
 
 def _kernel_table(lay: Layout, device: torch.device) -> torch.Tensor:
@@ -107,10 +119,21 @@ def _shared_rows(block: int) -> int:
 
 
 def _launch_q(lay, meta, q, k, v, pkv, sel, do, lse, delta, out, part, plse, qk_scale, reweight, bwd):
-    """The query-owned pass: shared segments in 128-query tiles, then the fine segment, merged."""
+    """The query-owned pass (forward, or dq with ``bwd``): one fused pass over 128-query tiles (shared segments,
+    then each query block's fine segment), or with ``TUNE["fwd_fused"]`` / ``["dq_fused"]`` off, or no shared
+    segments, split: shared segments in 128-query tiles, then the fine segment of each block, merged."""
     bh, n, d = q.shape
     shared = lay.n_seg > 1 or lay.top
     common = dict(D=d, B=lay.block, TOP=lay.top, REWEIGHT=reweight, BWD=bwd, PREC=_prec(q.dtype))
+    pre = "dq_" if bwd else "fwd_"
+    if shared and TUNE[pre + "fused"]:
+        bm = max(lay.block, min(TUNE[pre + "rows"], _shared_rows(lay.block)))
+        llsa_q_kernel[(triton.cdiv(n, bm), bh)](
+            q, k, v, pkv[0], pkv[1], sel, meta, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
+            lay.n_seg, lay.levels, qk_scale, BM=bm, FINE=False, SHARED=True, MERGE=False, SWAP=False,
+            KPI=max(1, TUNE[pre + "kpi"] * 16 // lay.block), FUSED=True, FKPI=max(1, TUNE[pre + "keys"] // lay.block),
+            num_warps=TUNE[pre + "warps"], num_stages=TUNE[pre + "stages"], **common)
+        return
     if shared:
         bm = _shared_rows(lay.block)
         llsa_q_kernel[(triton.cdiv(n, bm), bh)](
@@ -133,8 +156,10 @@ def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, sc
     pooled = pool_qkv(q, k, v, lay, TUNE["pool_rows"], TUNE["pool_warps"])
     select(pooled, lay, out=sel)
     pkv.copy_(pooled[1:])
-    part = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
-    plse = torch.empty(bh, n, dtype=torch.float32, device=q.device)
+    part = plse = None
+    if not TUNE["fwd_fused"]:
+        part = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
+        plse = torch.empty(bh, n, dtype=torch.float32, device=q.device)
     _launch_q(lay, meta, q, k, v, pkv, sel, q, lse, lse, o, part, plse, scale * LOG2E, reweight, bwd=False)
 
 
@@ -148,7 +173,7 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
     qk_scale = scale * LOG2E
     delta = torch.empty(bh, n, dtype=torch.float32, device=q.device)
     delta_kernel[(triton.cdiv(bh * n, 64),)](o, do, delta, bh * n, D=d, BR=64)
-    dq_shared = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
+    dq_shared = None if TUNE["dq_fused"] else torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
     _launch_q(lay, meta, q, k, v, pkv, sel, do, lse, delta, dq, dq_shared, lse, qk_scale, reweight, bwd=True)
     dpk = torch.zeros(bh, lay.n_pool, d, dtype=torch.float32, device=q.device)
     dpv = torch.zeros_like(dpk)
