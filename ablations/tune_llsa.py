@@ -52,7 +52,7 @@ def stage_times(ns, levels):
         plse = torch.empty(8, n, device="cuda")
         t_pool = do_bench(lambda: pool_qkv(q, k, v, lay), return_mode="median")
         t_sel = do_bench(lambda: select(pooled, lay), return_mode="median")
-        t_q = do_bench(lambda: itf._launch_q(lay, meta, q, k, v, pkv, sel, q, lse, lse, o, part, plse, 0.18, True,
+        t_q = do_bench(lambda: itf._launch_q(lay, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part, plse, 0.18, True,
                                              False), return_mode="median")
         print(f"N={n} L={levels}: pool {t_pool:.3f} ms, select {t_sel:.3f} ms, query-owned pass {t_q:.3f} ms")
 

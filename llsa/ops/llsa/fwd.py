@@ -152,11 +152,11 @@ def _fused_fine(b_q, b_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k
 
 
 @triton.jit
-def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, DO, LSE, DELTA, OUT, PART, PLSE, N, n_pool, n_sel, n_seg, levels,
+def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, O, DO, LSE, DELTA, OUT, PART, PLSE, N, n_pool, n_sel, n_seg, levels,
                   qk_scale, B: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, KPI: tl.constexpr,
                   FINE: tl.constexpr, SHARED: tl.constexpr, MERGE: tl.constexpr, TOP: tl.constexpr,
                   REWEIGHT: tl.constexpr, BWD: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr,
-                  FUSED: tl.constexpr = False, FKPI: tl.constexpr = 1):
+                  FUSED: tl.constexpr = False, FKPI: tl.constexpr = 1, MAKE_DELTA: tl.constexpr = False):
     """Forward (OUT = o, LSE written) or dq (OUT = dq; LSE and DELTA read) for BM queries.
 
     ``FINE``: segment 0, whose keys differ per query block, so BM = B. ``SHARED``: the enriched candidate
@@ -164,6 +164,8 @@ def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, DO, LSE, DELTA, OUT, PART, PLSE, N
     level-2 ancestor). Split runs write the shared part to PART (o and its LSE in PLSE, or dq) and the
     fine run merges it (``MERGE``) through the log-sum-exp. ``FUSED`` (with ``SHARED``): the same program
     then runs the fine segment of its BM / B query blocks, FKPI picked blocks per step, and writes the result.
+    ``MAKE_DELTA`` (dq's first pass): delta = rowsum(o * do) is computed here from O and written to DELTA for
+    the passes after it, instead of read.
     """
     BN: tl.constexpr = KPI * B
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -188,7 +190,15 @@ def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, DO, LSE, DELTA, OUT, PART, PLSE, N
         b_do = tl.load(DO + p_qd, mask=m_qd, other=0.)
         # [BM]
         b_lse2 = tl.load(LSE + i_bh * N + o_m, mask=m_m, other=0.) * 1.4426950408889634
-        b_delta = tl.load(DELTA + i_bh * N + o_m, mask=m_m, other=0.)
+        if MAKE_DELTA:
+            b_o = tl.load(O + p_qd, mask=m_qd, other=0.).to(tl.float32) * b_do.to(tl.float32)
+            if SWAP:
+                b_delta = tl.sum(b_o, 0)
+            else:
+                b_delta = tl.sum(b_o, 1)
+            tl.store(DELTA + i_bh * N + o_m, b_delta, mask=m_m)
+        else:
+            b_delta = tl.load(DELTA + i_bh * N + o_m, mask=m_m, other=0.)
     else:
         b_do = b_q
         b_lse2 = tl.zeros([BM], dtype=tl.float32)

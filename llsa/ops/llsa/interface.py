@@ -10,8 +10,7 @@ import torch
 import triton
 
 from llsa.ops.llsa import graphs
-from llsa.ops.llsa.bwd import (delta_kernel, llsa_cand_kv_kernel, llsa_cand_reduce_kernel, llsa_kv_kernel,
-                               llsa_top_kv_kernel)
+from llsa.ops.llsa.bwd import llsa_cand_kv_kernel, llsa_cand_reduce_kernel, llsa_kv_kernel, llsa_top_kv_kernel
 from llsa.ops.llsa.fwd import LOG2E, llsa_q_kernel
 from llsa.ops.llsa.layout import Layout
 from llsa.ops.llsa.pool import pool_qkv
@@ -118,7 +117,7 @@ def _shared_rows(block: int) -> int:
     return min(128, block * block)
 
 
-def _launch_q(lay, meta, q, k, v, pkv, sel, do, lse, delta, out, part, plse, qk_scale, reweight, bwd):
+def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, qk_scale, reweight, bwd):
     """The query-owned pass (forward, or dq with ``bwd``): one fused pass over 128-query tiles (shared segments,
     then each query block's fine segment), or with ``TUNE["fwd_fused"]`` / ``["dq_fused"]`` off, or no shared
     segments, split: shared segments in 128-query tiles, then the fine segment of each block, merged."""
@@ -129,21 +128,23 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, do, lse, delta, out, part, plse, qk_
     if shared and TUNE[pre + "fused"]:
         bm = max(lay.block, min(TUNE[pre + "rows"], _shared_rows(lay.block)))
         llsa_q_kernel[(triton.cdiv(n, bm), bh)](
-            q, k, v, pkv[0], pkv[1], sel, meta, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
+            q, k, v, pkv[0], pkv[1], sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
             lay.n_seg, lay.levels, qk_scale, BM=bm, FINE=False, SHARED=True, MERGE=False, SWAP=False,
             KPI=max(1, TUNE[pre + "kpi"] * 16 // lay.block), FUSED=True, FKPI=max(1, TUNE[pre + "keys"] // lay.block),
+            MAKE_DELTA=bwd,
             num_warps=TUNE[pre + "warps"], num_stages=TUNE[pre + "stages"], **common)
         return
     if shared:
         bm = _shared_rows(lay.block)
         llsa_q_kernel[(triton.cdiv(n, bm), bh)](
-            q, k, v, pkv[0], pkv[1], sel, meta, do, plse if not bwd else lse, delta, part, part, plse, n,
+            q, k, v, pkv[0], pkv[1], sel, meta, o, do, plse if not bwd else lse, delta, part, part, plse, n,
             lay.n_pool, lay.n_sel, lay.n_seg, lay.levels, qk_scale, BM=bm, FINE=False, SHARED=True,
-            MERGE=False, SWAP=False, KPI=max(1, TUNE["shared_kpi"] * 16 // lay.block),
+            MERGE=False, SWAP=False, MAKE_DELTA=bwd, KPI=max(1, TUNE["shared_kpi"] * 16 // lay.block),
             num_warps=TUNE["shared_warps"], num_stages=TUNE["shared_stages"], **common)
     llsa_q_kernel[(lay.sizes[1], bh)](
-        q, k, v, pkv[0], pkv[1], sel, meta, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
+        q, k, v, pkv[0], pkv[1], sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
         lay.n_seg, lay.levels, qk_scale, BM=lay.block, FINE=True, SHARED=False, MERGE=shared, SWAP=True,
+        MAKE_DELTA=bwd and not shared,
         KPI=max(1, TUNE["fine_keys"] // lay.block), num_warps=TUNE["fine_warps"],
         num_stages=TUNE["fine_stages"], **common)
 
@@ -160,7 +161,7 @@ def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, sc
     if not TUNE["fwd_fused"]:
         part = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
         plse = torch.empty(bh, n, dtype=torch.float32, device=q.device)
-    _launch_q(lay, meta, q, k, v, pkv, sel, q, lse, lse, o, part, plse, scale * LOG2E, reweight, bwd=False)
+    _launch_q(lay, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part, plse, scale * LOG2E, reweight, bwd=False)
 
 
 def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Tensor, reweight: bool,
@@ -171,10 +172,11 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
     poison(dq, dk, dv)
     prec = _prec(q.dtype)
     qk_scale = scale * LOG2E
+    # written by dq's first pass
     delta = torch.empty(bh, n, dtype=torch.float32, device=q.device)
-    delta_kernel[(triton.cdiv(bh * n, 64),)](o, do, delta, bh * n, D=d, BR=64)
+    poison(delta)
     dq_shared = None if TUNE["dq_fused"] else torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
-    _launch_q(lay, meta, q, k, v, pkv, sel, do, lse, delta, dq, dq_shared, lse, qk_scale, reweight, bwd=True)
+    _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, dq, dq_shared, lse, qk_scale, reweight, bwd=True)
     dpk = torch.zeros(bh, lay.n_pool, d, dtype=torch.float32, device=q.device)
     dpv = torch.zeros_like(dpk)
     if lay.n_seg > 1:

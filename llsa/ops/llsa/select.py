@@ -57,8 +57,9 @@ def select_kernel(PQ, PK, SEL, n_l, k_up, k_out, sel_off_l, sel_off_up, pool_off
         b_k = tl.load(p_pk + (pool_off_l + b_cand)[:, None] * D + o_d[None, :], mask=m_c[:, None], other=0.)
         b_s += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     b_s = tl.where(m_c[None, :], b_s, float("-inf"))
-    big = 1 << 62
-    b_key = tl.where(m_c, b_cand, big)
+    # tie-break keys in int32 (n_l < 2^31): the reductions below cost half what int64 ones do
+    big = 2147483647
+    b_key = tl.where(m_c, b_cand, big).to(tl.int32)
     b_chosen = tl.zeros([B, KUP * B], dtype=tl.int32)
     for _ in range(k_out):
         b_max = tl.max(b_s, axis=1)
