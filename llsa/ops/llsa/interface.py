@@ -21,11 +21,12 @@ from llsa.ops.poison import poison
 HEAD_DIMS = (16, 32, 64, 128)
 # Launch shapes, measured on an H100 (docs/benchmarks.md); ablations/tune_llsa.py sweeps them. pool_*: input
 # rows per pooling program, warps; fwd_* and dq_*: the fused query-owned pass of the forward and of dq (query
-# rows, shared key tile in 16-key blocks, fine keys per step, warps, stages; ``*_fused=False`` runs the split
-# passes instead); shared_* and fine_*: the split passes (fine_keys: keys per tile of the fine segment); cand_*: the enriched candidates' dk/dv (keys per tile, query rows per step, warps);
+# rows, shared key tile in 16-key blocks, fine keys per step, warps, stages; ``*_fused=False``, or a head dim
+# above fused_max_dim, runs the split passes instead: at D=128 the fused tiles spill and lost 20-25% on an
+# H100); shared_* and fine_*: the split passes (fine_keys: keys per tile of the fine segment); cand_*: the enriched candidates' dk/dv (keys per tile, query rows per step, warps);
 # kv_*: the fine keys' dk/dv; top_*: the coarsest level's dk/dv.
 TUNE = dict(pool_rows=256, pool_warps=2, fwd_fused=True, fwd_rows=128, fwd_kpi=2, fwd_keys=32, fwd_warps=4,
-            fwd_stages=2, dq_fused=True, dq_rows=128, dq_kpi=2, dq_keys=32, dq_warps=4, dq_stages=2, shared_kpi=4,
+            fwd_stages=2, fused_max_dim=64, dq_fused=True, dq_rows=128, dq_kpi=2, dq_keys=32, dq_warps=4, dq_stages=2, shared_kpi=4,
             shared_warps=4, shared_stages=2, fine_keys=64, fine_warps=4, fine_stages=2, cand_keys=64, cand_rows=64,
             cand_warps=4, kv_rows=128, kv_warps=4, kv_stages=2, top_keys=64, top_warps=4)
 # Programs wanted for the coarsest level's dk/dv, which splits the queries into chunks to get them.
@@ -117,6 +118,11 @@ def _shared_rows(block: int) -> int:
     return min(128, block * block)
 
 
+def _fused(pre: str, d: int) -> bool:
+    """Whether the forward (``pre="fwd_"``) or dq (``"dq_"``) runs the fused query-owned pass."""
+    return TUNE[pre + "fused"] and d <= TUNE["fused_max_dim"]
+
+
 def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, qk_scale, reweight, bwd):
     """The query-owned pass (forward, or dq with ``bwd``): one fused pass over 128-query tiles (shared segments,
     then each query block's fine segment), or with ``TUNE["fwd_fused"]`` / ``["dq_fused"]`` off, or no shared
@@ -125,7 +131,7 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, 
     shared = lay.n_seg > 1 or lay.top
     common = dict(D=d, B=lay.block, TOP=lay.top, REWEIGHT=reweight, BWD=bwd, PREC=_prec(q.dtype))
     pre = "dq_" if bwd else "fwd_"
-    if shared and TUNE[pre + "fused"]:
+    if shared and _fused(pre, d):
         bm = max(lay.block, min(TUNE[pre + "rows"], _shared_rows(lay.block)))
         llsa_q_kernel[(triton.cdiv(n, bm), bh)](
             q, k, v, pkv[0], pkv[1], sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
@@ -158,7 +164,7 @@ def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, sc
     select(pooled, lay, out=sel)
     pkv.copy_(pooled[1:])
     part = plse = None
-    if not TUNE["fwd_fused"]:
+    if not _fused("fwd_", d):
         part = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
         plse = torch.empty(bh, n, dtype=torch.float32, device=q.device)
     _launch_q(lay, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part, plse, scale * LOG2E, reweight, bwd=False)
@@ -175,7 +181,7 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
     # written by dq's first pass
     delta = torch.empty(bh, n, dtype=torch.float32, device=q.device)
     poison(delta)
-    dq_shared = None if TUNE["dq_fused"] else torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
+    dq_shared = None if _fused("dq_", d) else torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
     _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, dq, dq_shared, lse, qk_scale, reweight, bwd=True)
     dpk = torch.zeros(bh, lay.n_pool, d, dtype=torch.float32, device=q.device)
     dpv = torch.zeros_like(dpk)
