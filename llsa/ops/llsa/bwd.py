@@ -198,3 +198,15 @@ def llsa_top_kv_kernel(Q, PK, PV, DO, LSE, DELTA, META, PDK, PDV, N, n_pool, lev
     p_t = ((i_c * n_bh + i_bh) * n_t + o_r)[None, :] * D + o_d[:, None]
     tl.store(PDK + p_t, b_dkt, mask=m_r[None, :])
     tl.store(PDV + p_t, b_dvt, mask=m_r[None, :])
+
+
+@triton.jit
+def delta_kernel(O, DO, DELTA, n_rows, D: tl.constexpr, BR: tl.constexpr):
+    """delta_i = rowsum(o_i * do_i) in float32: one read of o and do."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    m_r = o_r < n_rows
+    p = o_r[:, None] * D + tl.arange(0, D)[None, :]
+    # [BR, D]
+    b_o = tl.load(O + p, mask=m_r[:, None], other=0.).to(tl.float32)
+    b_do = tl.load(DO + p, mask=m_r[:, None], other=0.).to(tl.float32)
+    tl.store(DELTA + o_r, tl.sum(b_o * b_do, axis=1), mask=m_r)

@@ -164,8 +164,8 @@ def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, O, DO, LSE, DELTA, OUT, PART, PLSE
     level-2 ancestor). Split runs write the shared part to PART (o and its LSE in PLSE, or dq) and the
     fine run merges it (``MERGE``) through the log-sum-exp. ``FUSED`` (with ``SHARED``): the same program
     then runs the fine segment of its BM / B query blocks, FKPI picked blocks per step, and writes the result.
-    ``MAKE_DELTA`` (dq's first pass): delta = rowsum(o * do) is computed here from O and written to DELTA for
-    the passes after it, instead of read.
+    ``MAKE_DELTA`` (fused dq): delta = rowsum(o * do) is computed here from O and written to DELTA for the
+    kernels after it, instead of read.
     """
     BN: tl.constexpr = KPI * B
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -191,11 +191,9 @@ def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, O, DO, LSE, DELTA, OUT, PART, PLSE
         # [BM]
         b_lse2 = tl.load(LSE + i_bh * N + o_m, mask=m_m, other=0.) * 1.4426950408889634
         if MAKE_DELTA:
+            # [BM, D] (MAKE_DELTA is the fused pass's, never swapped)
             b_o = tl.load(O + p_qd, mask=m_qd, other=0.).to(tl.float32) * b_do.to(tl.float32)
-            if SWAP:
-                b_delta = tl.sum(b_o, 0)
-            else:
-                b_delta = tl.sum(b_o, 1)
+            b_delta = tl.sum(b_o, 1)
             tl.store(DELTA + i_bh * N + o_m, b_delta, mask=m_m)
         else:
             b_delta = tl.load(DELTA + i_bh * N + o_m, mask=m_m, other=0.)

@@ -10,7 +10,8 @@ import torch
 import triton
 
 from llsa.ops.llsa import graphs
-from llsa.ops.llsa.bwd import llsa_cand_kv_kernel, llsa_cand_reduce_kernel, llsa_kv_kernel, llsa_top_kv_kernel
+from llsa.ops.llsa.bwd import (delta_kernel, llsa_cand_kv_kernel, llsa_cand_reduce_kernel, llsa_kv_kernel,
+                               llsa_top_kv_kernel)
 from llsa.ops.llsa.fwd import LOG2E, llsa_q_kernel
 from llsa.ops.llsa.layout import Layout
 from llsa.ops.llsa.pool import pool_qkv
@@ -118,39 +119,39 @@ def _shared_rows(block: int) -> int:
     return min(128, block * block)
 
 
-def _fused(pre: str, d: int) -> bool:
-    """Whether the forward (``pre="fwd_"``) or dq (``"dq_"``) runs the fused query-owned pass."""
-    return TUNE[pre + "fused"] and d <= TUNE["fused_max_dim"]
+def _fused(lay: Layout, pre: str, d: int) -> bool:
+    """Whether the forward (``pre="fwd_"``) or dq (``"dq_"``) runs the fused query-owned pass (which needs
+    shared segments to fuse with)."""
+    return (lay.n_seg > 1 or lay.top) and TUNE[pre + "fused"] and d <= TUNE["fused_max_dim"]
 
 
 def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, qk_scale, reweight, bwd):
     """The query-owned pass (forward, or dq with ``bwd``): one fused pass over 128-query tiles (shared segments,
-    then each query block's fine segment), or with ``TUNE["fwd_fused"]`` / ``["dq_fused"]`` off, or no shared
-    segments, split: shared segments in 128-query tiles, then the fine segment of each block, merged."""
+    then each query block's fine segment; fused dq also makes delta), or with ``TUNE["fwd_fused"]`` /
+    ``["dq_fused"]`` off, D above ``fused_max_dim`` or no shared segments, split: shared segments in
+    128-query tiles, then the fine segment of each block, merged."""
     bh, n, d = q.shape
     shared = lay.n_seg > 1 or lay.top
     common = dict(D=d, B=lay.block, TOP=lay.top, REWEIGHT=reweight, BWD=bwd, PREC=_prec(q.dtype))
     pre = "dq_" if bwd else "fwd_"
-    if shared and _fused(pre, d):
+    if _fused(lay, pre, d):
         bm = max(lay.block, min(TUNE[pre + "rows"], _shared_rows(lay.block)))
         llsa_q_kernel[(triton.cdiv(n, bm), bh)](
             q, k, v, pkv[0], pkv[1], sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
             lay.n_seg, lay.levels, qk_scale, BM=bm, FINE=False, SHARED=True, MERGE=False, SWAP=False,
             KPI=max(1, TUNE[pre + "kpi"] * 16 // lay.block), FUSED=True, FKPI=max(1, TUNE[pre + "keys"] // lay.block),
-            MAKE_DELTA=bwd,
-            num_warps=TUNE[pre + "warps"], num_stages=TUNE[pre + "stages"], **common)
+            MAKE_DELTA=bwd, num_warps=TUNE[pre + "warps"], num_stages=TUNE[pre + "stages"], **common)
         return
     if shared:
         bm = _shared_rows(lay.block)
         llsa_q_kernel[(triton.cdiv(n, bm), bh)](
             q, k, v, pkv[0], pkv[1], sel, meta, o, do, plse if not bwd else lse, delta, part, part, plse, n,
             lay.n_pool, lay.n_sel, lay.n_seg, lay.levels, qk_scale, BM=bm, FINE=False, SHARED=True,
-            MERGE=False, SWAP=False, MAKE_DELTA=bwd, KPI=max(1, TUNE["shared_kpi"] * 16 // lay.block),
+            MERGE=False, SWAP=False, KPI=max(1, TUNE["shared_kpi"] * 16 // lay.block),
             num_warps=TUNE["shared_warps"], num_stages=TUNE["shared_stages"], **common)
     llsa_q_kernel[(lay.sizes[1], bh)](
         q, k, v, pkv[0], pkv[1], sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
         lay.n_seg, lay.levels, qk_scale, BM=lay.block, FINE=True, SHARED=False, MERGE=shared, SWAP=True,
-        MAKE_DELTA=bwd and not shared,
         KPI=max(1, TUNE["fine_keys"] // lay.block), num_warps=TUNE["fine_warps"],
         num_stages=TUNE["fine_stages"], **common)
 
@@ -164,7 +165,7 @@ def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, sc
     select(pooled, lay, out=sel)
     pkv.copy_(pooled[1:])
     part = plse = None
-    if not _fused("fwd_", d):
+    if not _fused(lay, "fwd_", d):
         part = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
         plse = torch.empty(bh, n, dtype=torch.float32, device=q.device)
     _launch_q(lay, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part, plse, scale * LOG2E, reweight, bwd=False)
@@ -178,10 +179,13 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
     poison(dq, dk, dv)
     prec = _prec(q.dtype)
     qk_scale = scale * LOG2E
-    # written by dq's first pass
     delta = torch.empty(bh, n, dtype=torch.float32, device=q.device)
-    poison(delta)
-    dq_shared = None if _fused("dq_", d) else torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
+    if _fused(lay, "dq_", d):
+        # the fused dq pass makes it
+        poison(delta)
+    else:
+        delta_kernel[(triton.cdiv(bh * n, 64),)](o, do, delta, bh * n, D=d, BR=64)
+    dq_shared = None if _fused(lay, "dq_", d) else torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
     _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, dq, dq_shared, lse, qk_scale, reweight, bwd=True)
     dpk = torch.zeros(bh, lay.n_pool, d, dtype=torch.float32, device=q.device)
     dpv = torch.zeros_like(dpk)
