@@ -1,10 +1,12 @@
 """Query-owned LLSA kernel: the forward pass and, with ``BWD=True``, dq over the same key set.
 
-One program owns one query block (the B queries under one level-1 token) and walks its whole key set:
-segment 0 (the fine tokens of the blocks its level-1 token picked), the enriched candidate segments
-(children of the picks of its level-(l+1) ancestor), and, when ``TOP``, every coarsest token. Weights
-enter as a log2 bias, so reweighting costs one add per score. ``META`` rows are ``Layout.meta``'s
-(6 int64 per level).
+A query's key set is segment 0 (the fine tokens of the blocks its level-1 token picked), the enriched
+candidate segments (children of the picks of its level-(l+1) ancestor) and, when ``TOP``, every coarsest
+token. All but segment 0 are shared by the queries under one level-2 ancestor, so a program takes a tile of
+up to 128 of them through those keys as dense tiles and then (``FUSED``) each of its query blocks through
+its own fine tokens as batched products; the split runs do the two parts in separate launches merged
+through the log-sum-exp. Weights enter as a log2 bias, so reweighting costs one add per score. ``META`` rows
+are ``Layout.meta``'s (6 int64 per level).
 """
 import triton
 import triton.language as tl
