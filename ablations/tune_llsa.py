@@ -3,7 +3,8 @@
 ``python -m ablations.tune_llsa --n 65536 262144 --levels 2`` prints per-stage medians (pooling, selection,
 the query-owned pass). ``--sweep forward`` / ``--sweep backward`` tries every setting of one group of
 ``TUNE`` keys at a time (each group keeping the best of the groups before it), timing the whole forward
-or backward summed over the sizes; ``--write FILE`` saves the best ``TUNE`` as JSON. B=2, H=4, D=64, bf16.
+or backward summed over the sizes; ``--write FILE`` saves the best ``TUNE`` as JSON. B=2, bf16, H=4 and D=64
+unless ``--heads`` / ``--dim`` say otherwise.
 Graph replay of small calls (``graphs.py``) is off here, so every setting really launches.
 """
 import argparse
@@ -23,6 +24,8 @@ from llsa.ops.llsa.select import select
 GROUPS = {
     "forward": {
         "pool": dict(pool_rows=[64, 128, 256], pool_warps=[2, 4, 8]),
+        # fused against split at this head dim (both passes follow it; a D=128 sweep: --dim 128 --groups gate)
+        "gate": dict(fused_max_dim=[64, 128]),
         "fused": dict(fwd_rows=[64, 128], fwd_keys=[16, 32], fwd_warps=[4, 8], fwd_stages=[2, 3]),
         "fused_kpi": dict(fwd_kpi=[2, 4, 8]),
     },
@@ -38,33 +41,34 @@ GROUPS = {
 }
 
 
-def stage_times(ns, levels):
+def stage_times(ns, levels, heads=4, dim=64):
     for n in ns:
         lay = Layout(n, 16, 8, levels, levels)
         meta = lay.meta("cuda")
-        q, k, v = (torch.randn(8, n, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(2 * heads, n, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         pooled = pool_qkv(q, k, v, lay)
         sel = select(pooled, lay)
         pkv = pooled[1:].to(q.dtype)
         o = torch.empty_like(q)
-        lse = torch.empty(8, n, device="cuda")
-        part = torch.empty(8, n, 64, device="cuda")
-        plse = torch.empty(8, n, device="cuda")
+        lse = torch.empty(2 * heads, n, device="cuda")
+        part = torch.empty(2 * heads, n, dim, device="cuda")
+        plse = torch.empty_like(lse)
         t_pool = do_bench(lambda: pool_qkv(q, k, v, lay), return_mode="median")
         t_sel = do_bench(lambda: select(pooled, lay), return_mode="median")
-        t_q = do_bench(lambda: itf._launch_q(lay, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part, plse, 0.18, True,
-                                             False), return_mode="median")
+        t_q = do_bench(lambda: itf._launch_q(lay, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part, plse,
+                                             dim ** -0.5 * itf.LOG2E, True, False), return_mode="median")
         print(f"N={n} L={levels}: pool {t_pool:.3f} ms, select {t_sel:.3f} ms, query-owned pass {t_q:.3f} ms")
 
 
-def sweep(direction: str, ns, levels, groups=None) -> dict:
+def sweep(direction: str, ns, levels, groups=None, heads=4, dim=64) -> dict:
     """Coordinate descent over ``GROUPS[direction]``; returns the best TUNE found (also left in place)."""
     graphs.ENABLED = False
     calls = []
     for n in ns:
         lv = levels if n < 262144 else max(levels, 3)
-        kw = dict(block_size=16, topk=8, levels=lv, enrich_levels=lv, reweight=True, scale=0.125)
-        q, k, v = (torch.randn(2, 4, n, 64, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+        kw = dict(block_size=16, topk=8, levels=lv, enrich_levels=lv, reweight=True, scale=dim ** -0.5)
+        q, k, v = (torch.randn(2, heads, n, dim, device="cuda", dtype=torch.bfloat16).requires_grad_()
+                   for _ in range(3))
         do = torch.randn_like(q)
         if direction == "forward":
             calls.append(lambda q=q, k=k, v=v, kw=kw: itf.llsa_attention_triton(q, k, v, **kw))
@@ -105,13 +109,15 @@ def main(argv=None):
     p.add_argument("--n", type=int, nargs="+", default=[65536, 262144])
     p.add_argument("--levels", type=int, default=2, help="levels below 262,144 tokens (3 from there)")
     p.add_argument("--sweep", choices=sorted(GROUPS), default=None, help="sweep this pass's launch shapes")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--dim", type=int, default=64)
     p.add_argument("--groups", nargs="+", default=None, help="with --sweep: only these groups of GROUPS")
     p.add_argument("--write", default=None, help="with --sweep: save the best TUNE here (JSON)")
     args = p.parse_args(argv)
     if args.sweep is None:
-        stage_times(args.n, args.levels)
+        stage_times(args.n, args.levels, args.heads, args.dim)
         return
-    best = sweep(args.sweep, args.n, args.levels, args.groups)
+    best = sweep(args.sweep, args.n, args.levels, args.groups, args.heads, args.dim)
     if args.write:
         with open(args.write, "w") as f:
             json.dump(best, f, indent=1)
