@@ -1,4 +1,6 @@
 """Tensor checks shared by every attention op: each error names the op, the argument and the fix."""
+import os
+
 import torch
 
 
@@ -26,3 +28,12 @@ def check_tensors(op: str, **tensors: torch.Tensor) -> None:
         raise ValueError(f"{op}: the sequence is empty (N = 0); pass at least one token")
     if q.shape[-1] == 0:
         raise ValueError(f"{op}: the head dimension D is 0")
+
+
+def kernel_device_support(x: torch.Tensor) -> str | None:
+    """Why Triton kernels cannot run on ``x``'s device and dtype (None when they can)."""
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"tensors are on {x.device}; the kernels need CUDA (or TRITON_INTERPRET=1 on the CPU)"
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {x.dtype} is not supported by the kernels; use float16, bfloat16 or float32"
+    return None

@@ -5,11 +5,10 @@ with the QK RMSNorm (when weights are given) and RoPE applied to q and k on the 
 the attention output [b, heads, n, d] back to [b, n, heads * d]. On CUDA each is one Triton kernel forward
 and one backward; elsewhere (or with ``backend="torch"``) plain PyTorch.
 """
-import os
-
 import torch
 
 from llsa.ops.heads.naive import apply_rope, merge_heads_torch, split_heads_torch
+from llsa.ops.validate import kernel_device_support
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -18,11 +17,7 @@ def kernel_support(x: torch.Tensor, d: int) -> str | None:
     """Why the kernels cannot run on ``x`` with head dim ``d`` (None when they can)."""
     if d < 2 or d > 256 or d & (d - 1):
         return f"head dim d={d} must be a power of two in 2..256 for the kernels"
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {x.dtype} is not supported by the kernels; use float16, bfloat16 or float32"
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"tensors are on {x.device}; the kernels need CUDA (or TRITON_INTERPRET=1 on the CPU)"
-    return None
+    return kernel_device_support(x)
 
 
 def _use_kernels(backend: str, x: torch.Tensor, d: int) -> bool:

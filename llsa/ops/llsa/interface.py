@@ -3,7 +3,6 @@
 The forward and backward are ``torch.library`` custom ops with fake (meta) implementations, so
 ``torch.compile`` traces a model that calls LLSA without graph breaks.
 """
-import os
 import threading
 
 import torch
@@ -18,6 +17,7 @@ from llsa.ops.llsa.pool import pool_qkv
 from llsa.ops.llsa.select import select, unpack_sel
 from llsa.ops.llsa.transpose import transpose_level
 from llsa.ops.poison import poison
+from llsa.ops.validate import kernel_device_support
 
 HEAD_DIMS = (16, 32, 64, 128)
 # Launch shapes, measured on an H100 (docs/benchmarks.md); ablations/tune_llsa.py sweeps them. pool_*: input
@@ -44,11 +44,7 @@ def kernel_support(q: torch.Tensor, block_size: int) -> str | None:
     if block_size < 16 or block_size > 128 or block_size & (block_size - 1):
         return (f"block_size={block_size} must be a power of two in 16..128 for the kernels "
                 "(16-row matrix tiles); use backend='torch' for smaller blocks")
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"tensors are on {q.device}; the kernels need CUDA (or TRITON_INTERPRET=1 on the CPU)"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {q.dtype} is not supported by the kernels; use float16, bfloat16 or float32"
-    return None
+    return kernel_device_support(q)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +120,7 @@ def _shared_rows(block: int) -> int:
 def _fused(lay: Layout, pre: str, d: int) -> bool:
     """Whether the forward (``pre="fwd_"``) or dq (``"dq_"``) runs the fused query-owned pass (which needs
     shared segments to fuse with)."""
-    return (lay.n_seg > 1 or lay.top) and TUNE[pre + "fused"] and d <= TUNE["fused_max_dim"]
+    return lay.shared and TUNE[pre + "fused"] and d <= TUNE["fused_max_dim"]
 
 
 def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, qk_scale, reweight, bwd):
@@ -133,7 +129,6 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, 
     ``["dq_fused"]`` off, D above ``fused_max_dim`` or no shared segments, split: shared segments in
     128-query tiles, then the fine segment of each block, merged."""
     bh, n, d = q.shape
-    shared = lay.n_seg > 1 or lay.top
     common = dict(D=d, B=lay.block, TOP=lay.top, REWEIGHT=reweight, BWD=bwd, PREC=_prec(q.dtype))
     pre = "dq_" if bwd else "fwd_"
     if _fused(lay, pre, d):
@@ -144,7 +139,7 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, 
             KPI=max(1, TUNE[pre + "kpi"] * 16 // lay.block), FUSED=True, FKPI=max(1, TUNE[pre + "keys"] // lay.block),
             MAKE_DELTA=bwd, num_warps=TUNE[pre + "warps"], num_stages=TUNE[pre + "stages"], **common)
         return
-    if shared:
+    if lay.shared:
         bm = _shared_rows(lay.block)
         llsa_q_kernel[(triton.cdiv(n, bm), bh)](
             q, k, v, pkv[0], pkv[1], sel, meta, o, do, plse if not bwd else lse, delta, part, part, plse, n,
@@ -153,7 +148,7 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, 
             num_warps=TUNE["shared_warps"], num_stages=TUNE["shared_stages"], **common)
     llsa_q_kernel[(lay.sizes[1], bh)](
         q, k, v, pkv[0], pkv[1], sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
-        lay.n_seg, lay.levels, qk_scale, BM=lay.block, FINE=True, SHARED=False, MERGE=shared, SWAP=True,
+        lay.n_seg, lay.levels, qk_scale, BM=lay.block, FINE=True, SHARED=False, MERGE=lay.shared, SWAP=True,
         KPI=max(1, TUNE["fine_keys"] // lay.block), num_warps=TUNE["fine_warps"],
         num_stages=TUNE["fine_stages"], **common)
 
@@ -182,12 +177,13 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
     prec = _prec(q.dtype)
     qk_scale = scale * LOG2E
     delta = torch.empty(bh, n, dtype=torch.float32, device=q.device)
+    dq_shared = None
     if _fused(lay, "dq_", d):
-        # the fused dq pass makes it
+        # the fused dq pass makes delta
         poison(delta)
     else:
         delta_kernel[(triton.cdiv(bh * n, 64),)](o, do, delta, bh * n, D=d, BR=64)
-    dq_shared = None if _fused(lay, "dq_", d) else torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
+        dq_shared = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
     _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, dq, dq_shared, lse, qk_scale, reweight, bwd=True)
     dpk = torch.zeros(bh, lay.n_pool, d, dtype=torch.float32, device=q.device)
     dpv = torch.zeros_like(dpk)
@@ -221,7 +217,7 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
     rowptr, idx = transpose_level(sel, lay.sel_off[1], lay.sizes[1], lay.widths[1], deterministic)
     llsa_kv_kernel[(lay.sizes[1], bh)](q, k, v, do, lse, delta, meta, rowptr, idx, dk, dv, dpk, dpv, n,
                                        lay.n_pool, lay.levels, qk_scale, B=lay.block, D=d, BMQ=TUNE["kv_rows"],
-                                       POOLED=lay.n_seg > 1 or lay.top, REWEIGHT=reweight, PREC=prec,
+                                       POOLED=lay.shared, REWEIGHT=reweight, PREC=prec,
                                        num_warps=TUNE["kv_warps"], num_stages=TUNE["kv_stages"])
 
 

@@ -68,6 +68,11 @@ class Layout:
         return min(self.enrich, self.levels - 1) + 1
 
     @property
+    def shared(self) -> bool:
+        """Whether queries also see keys shared by a whole tile (enriched candidates or the coarsest level)."""
+        return self.n_seg > 1 or self.top
+
+    @property
     def top(self) -> bool:
         """Whether every query also sees every coarsest token."""
         return self.enrich == self.levels
