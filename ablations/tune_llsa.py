@@ -114,6 +114,10 @@ def main(argv=None):
     p.add_argument("--groups", nargs="+", default=None, help="with --sweep: only these groups of GROUPS")
     p.add_argument("--write", default=None, help="with --sweep: save the best TUNE here (JSON)")
     args = p.parse_args(argv)
+    unknown = set(args.groups or ()) - set(GROUPS.get(args.sweep, ()))
+    if unknown:
+        p.error(f"--groups {sorted(unknown)} are not groups of --sweep {args.sweep} "
+                f"({sorted(GROUPS.get(args.sweep, {}))})")
     if args.sweep is None:
         stage_times(args.n, args.levels, args.heads, args.dim)
         return
