@@ -24,19 +24,21 @@ from llsa.ops.llsa.select import select
 GROUPS = {
     "forward": {
         "pool": dict(pool_rows=[64, 128, 256], pool_warps=[2, 4, 8]),
-        # fused against split at this head dim (both passes follow it; a D=128 sweep: --dim 128 --groups gate)
-        "gate": dict(fused_max_dim=[64, 128]),
+        # the fused pass against the split passes (at D=128: --dim 128)
+        "gate": dict(fwd_fused=[True, False]),
         "fused": dict(fwd_rows=[64, 128], fwd_keys=[16, 32], fwd_warps=[4, 8], fwd_stages=[2, 3]),
         "fused_kpi": dict(fwd_kpi=[2, 4, 8]),
     },
     "backward": {
+        "gate": dict(dq_fused=[True, False]),
         # num_stages=1 for the fine dk/dv kernel hit an illegal memory access on an H100 (triton 3.6), which
         # poisons the CUDA context for every later setting, so it is not tried
-        "kv": dict(kv_rows=[64, 128, 256], kv_warps=[4, 8], kv_stages=[3, 2]),
+        "kv": dict(kv_rows=[32, 64, 128, 256], kv_warps=[4, 8], kv_stages=[3, 2]),
         "dq": dict(dq_rows=[64, 128], dq_keys=[16, 32], dq_warps=[4, 8], dq_stages=[2, 3]),
         "dq_kpi": dict(dq_kpi=[2, 4, 8]),
         "top": dict(top_keys=[64, 128], top_warps=[4, 8]),
-        "cand": dict(cand_keys=[64, 128], cand_rows=[64, 128], cand_warps=[4, 8]),
+        "top_programs": dict(top_programs=[512, 1024, 2048, 4096]),
+        "cand": dict(cand_keys=[64, 128], cand_rows=[32, 64, 128], cand_warps=[4, 8]),
     },
 }
 
@@ -61,7 +63,9 @@ def stage_times(ns, levels, heads=4, dim=64):
 
 
 def sweep(direction: str, ns, levels, groups=None, heads=4, dim=64) -> dict:
-    """Coordinate descent over ``GROUPS[direction]``; returns the best TUNE found (also left in place)."""
+    """Coordinate descent over ``GROUPS[direction]``; returns the best shapes found (also left in place): all of
+    TUNE, or at a head dim above 64 the TUNE_WIDE overrides."""
+    target = itf.TUNE_WIDE if dim > 64 else itf.TUNE
     graphs.ENABLED = False
     calls = []
     for n in ns:
@@ -86,7 +90,7 @@ def sweep(direction: str, ns, levels, groups=None, heads=4, dim=64) -> dict:
         results = []
         for values in itertools.product(*space.values()):
             setting = dict(zip(space, values))
-            itf.TUNE.update(setting)
+            target.update(setting)
             try:
                 results.append((total(), setting))
             except Exception as e:
@@ -98,10 +102,10 @@ def sweep(direction: str, ns, levels, groups=None, heads=4, dim=64) -> dict:
                 continue
             print(f"{group} {setting}: {direction} {results[-1][0]:.3f} ms (summed over N={ns})")
         t, setting = min(results, key=lambda r: r[0])
-        itf.TUNE.update(setting)
+        target.update(setting)
         print(f"best {group}: {setting} ({t:.3f} ms)")
-    print(f"TUNE = {itf.TUNE}")
-    return dict(itf.TUNE)
+    print(f"{'TUNE_WIDE' if dim > 64 else 'TUNE'} = {target}")
+    return dict(target)
 
 
 def main(argv=None):

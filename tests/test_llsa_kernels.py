@@ -67,6 +67,13 @@ def test_kernels_match_reference_fp16(case, device):
     _check(*case, torch.float16, device, d=32)
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=["L2", "L3"])
+def test_kernels_match_reference_at_head_dim_128(case, device):
+    """Head dim 128 runs its own launch shapes (``interface.TUNE_WIDE``)."""
+    torch.manual_seed(8)
+    _check(*case, torch.float16, device, d=128)
+
+
 @pytest.mark.parametrize("dense_max", [1024, 0], ids=["kernel-top", "torch-top"])
 def test_selection_matches_reference(device, dense_max, monkeypatch):
     """Both ways of picking at the coarsest level: the dense kernel and the chunked sort for huge tops."""
@@ -206,7 +213,7 @@ def test_every_ancestor_picks_one_coarse_token(device):
 @pytest.mark.parametrize("tiles", [
     dict(fwd_kpi=8, fwd_keys=16, dq_kpi=8, dq_keys=16, cand_keys=128, cand_rows=128, kv_rows=256, top_keys=128),
     dict(pool_rows=64, fwd_rows=64, dq_rows=64),
-    dict(fused_max_dim=8, shared_kpi=8, fine_keys=128)], ids=["wide", "narrow", "split"])
+    dict(fwd_fused=False, dq_fused=False, shared_kpi=8, fine_keys=128)], ids=["wide", "narrow", "split"])
 @pytest.mark.parametrize("case", [CASES[4], CASES[7], (200, 32, 2, 1, 1, True)],
                          ids=["N700-L3", "N200-B32", "N200-B32-top"])
 def test_kernels_match_reference_at_the_other_swept_tile_shapes(case, tiles, device, monkeypatch):

@@ -22,18 +22,24 @@ from llsa.ops.validate import kernel_device_support
 HEAD_DIMS = (16, 32, 64, 128)
 # Launch shapes, measured on an H100 (docs/benchmarks.md); ablations/tune_llsa.py sweeps them. pool_*: input
 # rows per pooling program, warps; fwd_* and dq_*: the fused query-owned pass of the forward and of dq (query
-# rows, shared key tile in 16-key blocks, fine keys per step, warps, stages); ``*_fused=False``, or a head dim
-# above fused_max_dim (at D=128 the fused tiles spill and lost 20-25%), runs the split passes instead, whose
-# shapes are shared_* and fine_* (fine_keys: keys per tile of the fine segment); cand_*: the enriched
-# candidates' dk/dv (keys per tile, query rows per step, warps); kv_*: the fine keys' dk/dv; top_*: the
-# coarsest level's dk/dv.
+# rows, shared key tile in 16-key blocks, fine keys per step, warps, stages); ``*_fused=False`` runs the split
+# passes instead, whose shapes are shared_* and fine_* (fine_keys: keys per tile of the fine segment); cand_*:
+# the enriched candidates' dk/dv (keys per tile, query rows per step, warps); kv_*: the fine keys' dk/dv;
+# top_*: the coarsest level's dk/dv (top_programs: how many programs to split the queries into chunks for;
+# their partials are then summed).
 TUNE = dict(pool_rows=256, pool_warps=2, fwd_fused=True, fwd_rows=128, fwd_kpi=2, fwd_keys=32, fwd_warps=4,
             fwd_stages=2, dq_fused=True, dq_rows=128, dq_kpi=2, dq_keys=32, dq_warps=4, dq_stages=2,
-            fused_max_dim=64, shared_kpi=4, shared_warps=4, shared_stages=2, fine_keys=64, fine_warps=4,
-            fine_stages=2, cand_keys=64, cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4, kv_stages=2,
-            top_keys=64, top_warps=4)
-# Programs wanted for the coarsest level's dk/dv, which splits the queries into chunks to get them.
-TOP_PROGRAMS = 2048
+            shared_kpi=4, shared_warps=4, shared_stages=2, fine_keys=64, fine_warps=4, fine_stages=2,
+            cand_keys=64, cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4, kv_stages=2, top_keys=64,
+            top_warps=4, top_programs=512)
+# Overrides of TUNE above head dim 64, measured at D=128 (``tune_llsa --dim 128``): tiles of the same row
+# count hold twice the bytes there, so the fastest shapes have fewer rows (the fused pass at 128 rows spills).
+TUNE_WIDE = dict(pool_rows=128, fwd_rows=64, dq_rows=64, shared_kpi=2, fine_keys=32, kv_rows=64, cand_rows=32)
+
+
+def tune(d: int) -> dict:
+    """The launch shapes for head dim ``d``."""
+    return {**TUNE, **TUNE_WIDE} if d > 64 else TUNE
 
 
 def kernel_support(q: torch.Tensor, block_size: int) -> str | None:
@@ -107,9 +113,9 @@ def _kernel_table(lay: Layout, device: torch.device) -> torch.Tensor:
     return made["table"]
 
 
-def _top_chunks(n: int, key_programs: int) -> int:
-    """Query chunks for the coarsest dk/dv: enough programs to fill the GPU, chunks of >= 256 queries."""
-    return max(1, min(triton.cdiv(n, 256), triton.cdiv(TOP_PROGRAMS, key_programs)))
+def _top_chunks(n: int, key_programs: int, programs: int) -> int:
+    """Query chunks for the coarsest dk/dv: about ``programs`` programs, chunks of >= 256 queries."""
+    return max(1, min(triton.cdiv(n, 256), triton.cdiv(programs, key_programs)))
 
 
 def _shared_rows(block: int) -> int:
@@ -120,37 +126,38 @@ def _shared_rows(block: int) -> int:
 def _fused(lay: Layout, pre: str, d: int) -> bool:
     """Whether the forward (``pre="fwd_"``) or dq (``"dq_"``) runs the fused query-owned pass (which needs
     shared segments to fuse with)."""
-    return lay.shared and TUNE[pre + "fused"] and d <= TUNE["fused_max_dim"]
+    return lay.shared and tune(d)[pre + "fused"]
 
 
 def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, qk_scale, reweight, bwd):
-    """The query-owned pass (forward, or dq with ``bwd``): one fused pass over 128-query tiles (shared segments,
-    then each query block's fine segment; fused dq also makes delta), or with ``TUNE["fwd_fused"]`` /
-    ``["dq_fused"]`` off, D above ``fused_max_dim`` or no shared segments, split: shared segments in
-    128-query tiles, then the fine segment of each block, merged."""
+    """The query-owned pass (forward, or dq with ``bwd``): one fused pass over query tiles (shared segments,
+    then each query block's fine segment; fused dq also makes delta), or with ``fwd_fused`` / ``dq_fused``
+    off or no shared segments, split: shared segments in 128-query tiles, then the fine segment of each
+    block, merged."""
     bh, n, d = q.shape
+    t = tune(d)
     common = dict(D=d, B=lay.block, TOP=lay.top, REWEIGHT=reweight, BWD=bwd, PREC=_prec(q.dtype))
     pre = "dq_" if bwd else "fwd_"
     if _fused(lay, pre, d):
-        bm = max(lay.block, min(TUNE[pre + "rows"], _shared_rows(lay.block)))
+        bm = max(lay.block, min(t[pre + "rows"], _shared_rows(lay.block)))
         llsa_q_kernel[(triton.cdiv(n, bm), bh)](
             q, k, v, pkv[0], pkv[1], sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
             lay.n_seg, lay.levels, qk_scale, BM=bm, FINE=False, SHARED=True, MERGE=False, SWAP=False,
-            KPI=max(1, TUNE[pre + "kpi"] * 16 // lay.block), FUSED=True, FKPI=max(1, TUNE[pre + "keys"] // lay.block),
-            MAKE_DELTA=bwd, num_warps=TUNE[pre + "warps"], num_stages=TUNE[pre + "stages"], **common)
+            KPI=max(1, t[pre + "kpi"] * 16 // lay.block), FUSED=True, FKPI=max(1, t[pre + "keys"] // lay.block),
+            MAKE_DELTA=bwd, num_warps=t[pre + "warps"], num_stages=t[pre + "stages"], **common)
         return
     if lay.shared:
         bm = _shared_rows(lay.block)
         llsa_q_kernel[(triton.cdiv(n, bm), bh)](
             q, k, v, pkv[0], pkv[1], sel, meta, o, do, plse if not bwd else lse, delta, part, part, plse, n,
             lay.n_pool, lay.n_sel, lay.n_seg, lay.levels, qk_scale, BM=bm, FINE=False, SHARED=True,
-            MERGE=False, SWAP=False, KPI=max(1, TUNE["shared_kpi"] * 16 // lay.block),
-            num_warps=TUNE["shared_warps"], num_stages=TUNE["shared_stages"], **common)
+            MERGE=False, SWAP=False, KPI=max(1, t["shared_kpi"] * 16 // lay.block),
+            num_warps=t["shared_warps"], num_stages=t["shared_stages"], **common)
     llsa_q_kernel[(lay.sizes[1], bh)](
         q, k, v, pkv[0], pkv[1], sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
         lay.n_seg, lay.levels, qk_scale, BM=lay.block, FINE=True, SHARED=False, MERGE=lay.shared, SWAP=True,
-        KPI=max(1, TUNE["fine_keys"] // lay.block), num_warps=TUNE["fine_warps"],
-        num_stages=TUNE["fine_stages"], **common)
+        KPI=max(1, t["fine_keys"] // lay.block), num_warps=t["fine_warps"],
+        num_stages=t["fine_stages"], **common)
 
 
 def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, scale: float, out):
@@ -158,7 +165,8 @@ def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, sc
     bh, n, d = q.shape
     o, lse, pkv, sel = out
     poison(o, lse)
-    pooled = pool_qkv(q, k, v, lay, TUNE["pool_rows"], TUNE["pool_warps"])
+    t = tune(d)
+    pooled = pool_qkv(q, k, v, lay, t["pool_rows"], t["pool_warps"])
     select(pooled, lay, out=sel)
     pkv.copy_(pooled[1:])
     part = plse = None
@@ -176,6 +184,7 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
     poison(dq, dk, dv)
     prec = _prec(q.dtype)
     qk_scale = scale * LOG2E
+    t = tune(d)
     delta = torch.empty(bh, n, dtype=torch.float32, device=q.device)
     dq_shared = None
     if _fused(lay, "dq_", d):
@@ -193,32 +202,32 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
         part_k = torch.empty(bh, n_part, d, dtype=torch.float32, device=q.device)
         part_v = torch.empty_like(part_k)
     for lv in range(1, lay.n_seg):
-        kpi = max(1, TUNE["cand_keys"] // lay.block)
+        kpi = max(1, t["cand_keys"] // lay.block)
         n_tiles = triton.cdiv(lay.widths[lv + 1], kpi)
         llsa_cand_kv_kernel[(lay.sizes[lv + 1] * n_tiles, bh)](
             q, pkv[0], pkv[1], do, lse, delta, meta, sel, part_k, part_v, n, lay.n_pool, lay.n_sel, n_part, lv,
-            n_tiles, qk_scale, B=lay.block, D=d, KPI=kpi, BMQ=TUNE["cand_rows"], REWEIGHT=reweight, PREC=prec,
-            num_warps=TUNE["cand_warps"])
+            n_tiles, qk_scale, B=lay.block, D=d, KPI=kpi, BMQ=t["cand_rows"], REWEIGHT=reweight, PREC=prec,
+            num_warps=t["cand_warps"])
         rowptr, idx = transpose_level(sel, lay.sel_off[lv + 1], lay.sizes[lv + 1], lay.widths[lv + 1],
                                       deterministic)
         llsa_cand_reduce_kernel[(lay.sizes[lv + 1], bh)](part_k, part_v, meta, rowptr, idx, dpk, dpv, lay.n_pool,
                                                          n_part, lv, B=lay.block, D=d)
     if lay.top:
         n_top, off = lay.sizes[lay.levels], lay.pool_off[lay.levels]
-        bk = min(TUNE["top_keys"], max(16, triton.next_power_of_2(n_top)))
-        n_chunks = _top_chunks(n, triton.cdiv(n_top, bk) * bh)
+        bk = min(t["top_keys"], max(16, triton.next_power_of_2(n_top)))
+        n_chunks = _top_chunks(n, triton.cdiv(n_top, bk) * bh, t["top_programs"])
         chunk = triton.cdiv(n, n_chunks)
         part = torch.empty(2, n_chunks, bh, n_top, d, dtype=torch.float32, device=q.device)
         llsa_top_kv_kernel[(triton.cdiv(n_top, bk), n_chunks, bh)](
             q, pkv[0], pkv[1], do, lse, delta, meta, part[0], part[1], n, lay.n_pool, lay.levels, chunk,
-            qk_scale, BK=bk, D=d, BMQ=64, REWEIGHT=reweight, PREC=prec, num_warps=TUNE["top_warps"])
+            qk_scale, BK=bk, D=d, BMQ=64, REWEIGHT=reweight, PREC=prec, num_warps=t["top_warps"])
         dpk[:, off:off + n_top] += part[0].sum(0)
         dpv[:, off:off + n_top] += part[1].sum(0)
     rowptr, idx = transpose_level(sel, lay.sel_off[1], lay.sizes[1], lay.widths[1], deterministic)
     llsa_kv_kernel[(lay.sizes[1], bh)](q, k, v, do, lse, delta, meta, rowptr, idx, dk, dv, dpk, dpv, n,
-                                       lay.n_pool, lay.levels, qk_scale, B=lay.block, D=d, BMQ=TUNE["kv_rows"],
+                                       lay.n_pool, lay.levels, qk_scale, B=lay.block, D=d, BMQ=t["kv_rows"],
                                        POOLED=lay.shared, REWEIGHT=reweight, PREC=prec,
-                                       num_warps=TUNE["kv_warps"], num_stages=TUNE["kv_stages"])
+                                       num_warps=t["kv_warps"], num_stages=t["kv_stages"])
 
 
 def _fwd_outputs_of(q, lay: Layout):
