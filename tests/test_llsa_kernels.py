@@ -211,7 +211,8 @@ def test_every_ancestor_picks_one_coarse_token(device):
 
 
 @pytest.mark.parametrize("tiles", [
-    dict(fwd_kpi=8, fwd_keys=16, dq_kpi=8, dq_keys=16, cand_keys=128, cand_rows=128, kv_rows=256, top_keys=128),
+    dict(pool_rows=512, fwd_kpi=8, fwd_keys=16, dq_kpi=8, dq_keys=16, cand_keys=128, cand_rows=128, kv_rows=256,
+         top_keys=128),
     dict(pool_rows=64, fwd_rows=64, dq_rows=64),
     dict(fwd_fused=False, dq_fused=False, shared_kpi=8, fine_keys=128)], ids=["wide", "narrow", "split"])
 @pytest.mark.parametrize("case", [CASES[4], CASES[7], (200, 32, 2, 1, 1, True)],

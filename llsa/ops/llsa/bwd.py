@@ -94,11 +94,13 @@ def llsa_kv_kernel(Q, K, V, DO, LSE, DELTA, META, ROWPTR, IDX, DK, DV, DPK, DPV,
         for lp in range(1, levels + 1):
             off_p = tl.load(META + lp * 6 + 3)
             span_p = tl.load(META + lp * 6 + 4)
-            o_a = o_r // span_p
-            b_inv = 1.0 / (tl.minimum((o_a + 1) * span_p, N) - o_a * span_p).to(tl.float32)
-            p_pt = (i_bh * n_pool + off_p + o_a)[None, :] * D + o_d[:, None]
-            b_dkt += tl.load(DPK + p_pt, mask=m_t, other=0.) * b_inv[None, :]
-            b_dvt += tl.load(DPV + p_pt, mask=m_t, other=0.) * b_inv[None, :]
+            # the tile's B tokens all lie under one level-lp token (spans are multiples of B)
+            i_a = i_u * B // span_p
+            inv = 1.0 / (tl.minimum((i_a + 1) * span_p, N) - i_a * span_p).to(tl.float32)
+            p_pa = (i_bh * n_pool + off_p + i_a) * D + o_d
+            # [D, 1]
+            b_dkt += (tl.load(DPK + p_pa) * inv)[:, None]
+            b_dvt += (tl.load(DPV + p_pa) * inv)[:, None]
     tl.store(DK + p_t, b_dkt.to(DK.dtype.element_ty), mask=m_t)
     tl.store(DV + p_t, b_dvt.to(DV.dtype.element_ty), mask=m_t)
 

@@ -1,7 +1,8 @@
 """Mean pooling of q, k, v into levels 1..L in one pass per level (Triton), and its backward.
 
 Level 1 averages original tokens; level l > 1 averages level l-1 means weighted by their token counts,
-which is the mean over the original tokens, partial trailing blocks included.
+which is the mean over the original tokens, partial trailing blocks included. A program whose input rows
+cover whole level-(l+1) tokens writes those too, from the same sums, so two levels take one launch.
 """
 import torch
 import triton
@@ -11,8 +12,9 @@ from llsa.ops.llsa.layout import Layout
 
 
 @triton.jit
-def _pool_one(X, Y, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off,
-              B: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WEIGHTED: tl.constexpr):
+def _pool_one(X, Y, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
+              y2_off, B: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WEIGHTED: tl.constexpr,
+              TWO: tl.constexpr):
     o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
     # [BT, B]: the input rows under each of the BT output tokens, contiguous in memory
     o_r = o_t[:, None] * B + tl.arange(0, B)[None, :]
@@ -33,19 +35,28 @@ def _pool_one(X, Y, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_o
     b_y = b_sum / tl.maximum(b_cnt, 1.0)[:, None]
     p_y = Y + i_bh.to(tl.int64) * stride_y + (y_off + o_t)[:, None] * D + o_d[None, :]
     tl.store(p_y, b_y, mask=(o_t < n_out)[:, None])
+    if TWO:
+        # [BT // B, D]: the next level's tokens over these BT, as the total over their tokens
+        b_sum2 = tl.sum(tl.reshape(b_sum, [BT // B, B, D]), axis=1)
+        b_cnt2 = tl.sum(tl.reshape(b_cnt, [BT // B, B]), axis=1)
+        o_t2 = i_t.to(tl.int64) * (BT // B) + tl.arange(0, BT // B)
+        p_y2 = Y + i_bh.to(tl.int64) * stride_y + (y2_off + o_t2)[:, None] * D + o_d[None, :]
+        tl.store(p_y2, b_sum2 / tl.maximum(b_cnt2, 1.0)[:, None], mask=(o_t2 < n_out2)[:, None])
 
 
 @triton.jit
-def pool_kernel(XQ, XK, XV, YQ, YK, YV, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off,
-                B: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WEIGHTED: tl.constexpr):
+def pool_kernel(XQ, XK, XV, YQ, YK, YV, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
+                y2_off, B: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WEIGHTED: tl.constexpr,
+                TWO: tl.constexpr):
+    """Level l (and, with ``TWO``, level l+1) of q, k and v from level l-1's n_in rows."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     o_d = tl.arange(0, D)
-    _pool_one(XQ, YQ, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off,
-              B, D, BT, WEIGHTED)
-    _pool_one(XK, YK, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off,
-              B, D, BT, WEIGHTED)
-    _pool_one(XV, YV, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off,
-              B, D, BT, WEIGHTED)
+    _pool_one(XQ, YQ, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
+              y2_off, B, D, BT, WEIGHTED, TWO)
+    _pool_one(XK, YK, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
+              y2_off, B, D, BT, WEIGHTED, TWO)
+    _pool_one(XV, YV, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
+              y2_off, B, D, BT, WEIGHTED, TWO)
 
 
 def pool_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, rows: int = 128,
@@ -59,11 +70,15 @@ def pool_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, row
     out = torch.empty((3, bh, lay.n_pool, d), dtype=torch.float32, device=q.device)
     bt = max(1, rows // lay.block)
     src, stride_x, x_off = (q, k, v), n * d, 0
-    for level in range(1, lay.levels + 1):
+    level = 1
+    while level <= lay.levels:
         n_in, n_out = lay.sizes[level - 1], lay.sizes[level]
+        two = level < lay.levels and bt % lay.block == 0
+        top = level + 1 if two else level
         grid = (triton.cdiv(n_out, bt), bh)
         pool_kernel[grid](*src, out[0], out[1], out[2], n_in, n_out, n, lay.spans[level - 1], stride_x, x_off,
-                          lay.n_pool * d, lay.pool_off[level], B=lay.block, D=d, BT=bt, WEIGHTED=level > 1,
-                          num_warps=warps)
-        src, stride_x, x_off = (out[0], out[1], out[2]), lay.n_pool * d, lay.pool_off[level]
+                          lay.n_pool * d, lay.pool_off[level], lay.sizes[top], lay.pool_off[top], B=lay.block,
+                          D=d, BT=bt, WEIGHTED=level > 1, TWO=two, num_warps=warps)
+        src, stride_x, x_off = (out[0], out[1], out[2]), lay.n_pool * d, lay.pool_off[top]
+        level = top + 1
     return out
