@@ -33,8 +33,10 @@ TUNE = dict(pool_rows=256, pool_warps=2, fwd_fused=True, fwd_rows=128, fwd_kpi=2
             cand_keys=64, cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4, kv_stages=2, top_keys=64,
             top_warps=4, top_programs=512)
 # Overrides of TUNE above head dim 64, measured at D=128 (``tune_llsa --dim 128``): tiles of the same row
-# count hold twice the bytes there, so the fastest shapes have fewer rows (the fused pass at 128 rows spills).
-TUNE_WIDE = dict(pool_rows=128, fwd_rows=64, dq_rows=64, shared_kpi=2, fine_keys=32, kv_rows=64, cand_rows=32)
+# count hold twice the bytes there, so the fastest shapes have fewer rows (the fused pass at 128 rows spills)
+# or more warps.
+TUNE_WIDE = dict(pool_rows=256, pool_warps=8, fwd_rows=64, dq_rows=64, shared_kpi=2, fine_keys=32, kv_rows=64,
+                 cand_rows=32)
 
 
 def tune(d: int) -> dict:
