@@ -227,6 +227,15 @@ def test_kernels_match_reference_at_the_other_swept_tile_shapes(case, tiles, dev
     _check(*case, torch.float32, device)
 
 
+def test_wide_head_dim_shapes_override_known_keys_only():
+    """A misspelt key in TUNE_WIDE would be silently ignored by the launchers, which read TUNE's keys."""
+    from llsa.ops.llsa import interface
+
+    assert set(interface.TUNE_WIDE) <= set(interface.TUNE)
+    assert interface.tune(64) is interface.TUNE
+    assert interface.tune(128) == {**interface.TUNE, **interface.TUNE_WIDE}
+
+
 def test_layout_tables_are_made_on_their_own_thread_and_errors_reach_the_caller():
     """The kernels' layout table is built on a worker thread (out of reach of reduce-overhead's graph
     pool); what the worker makes must be the table, and what it raises must surface in the caller."""
