@@ -1,4 +1,4 @@
-"""Mean pooling of q, k, v into levels 1..L in one pass per level (Triton), and its backward.
+"""Mean pooling of q, k, v into levels 1..L (Triton), one pass per level or per two levels.
 
 Level 1 averages original tokens; level l > 1 averages level l-1 means weighted by their token counts,
 which is the mean over the original tokens, partial trailing blocks included. A program whose input rows
