@@ -125,6 +125,12 @@ def _shared_rows(block: int) -> int:
     return min(128, block * block)
 
 
+def _fused_shape(block: int, t: dict, pre: str) -> dict:
+    """Tile constexprs and launch options of the fused query-owned pass (``pre``: "fwd_" or "dq_")."""
+    return dict(BM=max(block, min(t[pre + "rows"], _shared_rows(block))), KPI=max(1, t[pre + "kpi"] * 16 // block),
+                FKPI=max(1, t[pre + "keys"] // block), num_warps=t[pre + "warps"], num_stages=t[pre + "stages"])
+
+
 def _fused(lay: Layout, pre: str, d: int) -> bool:
     """Whether the forward (``pre="fwd_"``) or dq (``"dq_"``) runs the fused query-owned pass (which needs
     shared segments to fuse with)."""
@@ -141,12 +147,11 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, 
     common = dict(D=d, B=lay.block, TOP=lay.top, REWEIGHT=reweight, BWD=bwd, PREC=_prec(q.dtype))
     pre = "dq_" if bwd else "fwd_"
     if _fused(lay, pre, d):
-        bm = max(lay.block, min(t[pre + "rows"], _shared_rows(lay.block)))
-        llsa_q_kernel[(triton.cdiv(n, bm), bh)](
+        shape = _fused_shape(lay.block, t, pre)
+        llsa_q_kernel[(triton.cdiv(n, shape["BM"]), bh)](
             q, k, v, pkv[0], pkv[1], sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
-            lay.n_seg, lay.levels, qk_scale, BM=bm, FINE=False, SHARED=True, MERGE=False, SWAP=False,
-            KPI=max(1, t[pre + "kpi"] * 16 // lay.block), FUSED=True, FKPI=max(1, t[pre + "keys"] // lay.block),
-            MAKE_DELTA=bwd, num_warps=t[pre + "warps"], num_stages=t[pre + "stages"], **common)
+            lay.n_seg, lay.levels, qk_scale, FINE=False, SHARED=True, MERGE=False, SWAP=False, FUSED=True,
+            MAKE_DELTA=bwd, **shape, **common)
         return
     if lay.shared:
         bm = _shared_rows(lay.block)

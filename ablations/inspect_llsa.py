@@ -1,0 +1,113 @@
+"""Registers, spills, shared memory and matrix instructions of the LLSA kernels as compiled for an H100, on
+any machine (no GPU needed).
+
+``python -m ablations.inspect_llsa --dim 64 128`` compiles the fused query-owned pass (forward and dq) and
+the fine dk/dv kernel with the launch shapes ``interface.tune(d)`` gives them, for sm_90a, and reads the
+register and spill counts from ``ptxas -v``. Device time is scarce: a tile shape that spills, or that fills
+an SM's shared memory, shows here before it is timed (at D=128 the v7 fused pass with 128-row tiles spilled
+~1 KB per thread forward and ~2.5 KB in dq, and lost 20-25%). The numbers are this machine's Triton's;
+the GPU's Triton version may allocate a few registers differently.
+"""
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from llsa.ops.llsa import interface as itf
+from llsa.ops.llsa.bwd import llsa_kv_kernel
+from llsa.ops.llsa.fwd import llsa_q_kernel
+
+H100 = GPUTarget("cuda", 90, 32)
+# pointer arguments that are not the input dtype
+POINTERS = {"SEL": "*i32", "IDX": "*i32", "META": "*i64", "ROWPTR": "*i64", "LSE": "*fp32", "DELTA": "*fp32",
+            "PART": "*fp32", "PLSE": "*fp32", "DPK": "*fp32", "DPV": "*fp32"}
+# integer arguments that a long sequence makes multiples of 16, which Triton specialises on at launch
+ALIGNED = {"N", "n_pool", "n_sel"}
+
+
+def _signature(fn, constexprs: dict) -> tuple[dict, dict]:
+    """Argument types and divisibility hints of a launch with bf16 inputs: capitalised names are pointers
+    (bf16 unless POINTERS says otherwise), except N; lower-case ones are int32, except the float scale."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        elif name[0].isupper() and name != "N":
+            sig[name] = POINTERS.get(name, "*bf16")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if name in ALIGNED:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def _ptxas() -> str:
+    return os.environ.get("TRITON_PTXAS_PATH") or os.path.join(os.path.dirname(triton.__file__), "backends",
+                                                               "nvidia", "bin", "ptxas")
+
+
+def inspect(fn, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    """Compile ``fn`` for an H100 and report what ptxas and the PTX say about it."""
+    sig, attrs = _signature(fn, constexprs)
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs), target=H100,
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    ptx = kernel.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([_ptxas(), f"-arch=sm_{H100.arch}a", "-v", path, "-o", path + ".cubin"],
+                             capture_output=True, text=True, check=True).stderr
+
+    def number(pattern):
+        found = re.search(pattern, log)
+        return int(found.group(1)) if found else 0
+
+    return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
+                spill_loads=number(r"(\d+) bytes spill loads"), shared=kernel.metadata.shared,
+                wgmma=ptx.count("wgmma.mma_async.sync"), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+                serialized="C7515" in log)
+
+
+def kernels(d: int) -> list[tuple[str, object, dict, int, int]]:
+    """(name, kernel, constexprs, warps, stages) of the kernels inspected, as launched at head dim ``d``
+    with block 16, two or more levels (shared segments and the coarsest level), reweighting, bf16."""
+    t = itf.tune(d)
+    out = []
+    for pre, bwd in (("fwd_", False), ("dq_", True)):
+        shape = itf._fused_shape(16, t, pre)
+        warps, stages = shape.pop("num_warps"), shape.pop("num_stages")
+        const = dict(B=16, D=d, FINE=False, SHARED=True, MERGE=False, TOP=True, REWEIGHT=True, BWD=bwd,
+                     SWAP=False, PREC="tf32", FUSED=True, MAKE_DELTA=bwd, **shape)
+        out.append((f"fused {'dq' if bwd else 'forward'} (BM={shape['BM']})", llsa_q_kernel, const, warps, stages))
+    const = dict(B=16, D=d, BMQ=t["kv_rows"], POOLED=True, REWEIGHT=True, PREC="tf32")
+    out.append((f"fine dk/dv (BMQ={t['kv_rows']})", llsa_kv_kernel, const, t["kv_warps"], t["kv_stages"]))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dim", type=int, nargs="+", default=[64, 128], choices=itf.HEAD_DIMS)
+    args = p.parse_args(argv)
+    print(f"triton {triton.__version__}, sm_{H100.arch}a, bf16, block 16")
+    print("| kernel | D | warps | stages | registers | spill stores / loads (B) | shared (KB) | wgmma | mma.sync "
+          "| wgmma serialised |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for d in args.dim:
+        for name, fn, const, warps, stages in kernels(d):
+            r = inspect(fn, const, warps, stages)
+            print(f"| {name} | {d} | {warps} | {stages} | {r['registers']} | {r['spill_stores']} / "
+                  f"{r['spill_loads']} | {r['shared'] / 1024:.1f} | {r['wgmma']} | {r['mma_sync']} | "
+                  f"{'yes' if r['serialized'] else 'no'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
