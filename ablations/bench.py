@@ -9,6 +9,7 @@ import argparse
 import csv
 import math
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -120,8 +121,6 @@ def time_method(fn, q, k, v, do, graph: bool = False, repeat: int = 1) -> dict[s
     takes the host (Python, launches) out of the time and leaves the GPU's own. With ``repeat`` > 1 the
     eager timings are the median of that many ``do_bench`` medians, and their range is kept: where the
     host bounds a call, its time moves with the machine's scheduling from one run to the next."""
-    import statistics
-
     from triton.testing import do_bench, do_bench_cudagraph
 
     def fwd():

@@ -131,10 +131,10 @@ def _fused_shape(block: int, t: dict, pre: str) -> dict:
                 FKPI=max(1, t[pre + "keys"] // block), num_warps=t[pre + "warps"], num_stages=t[pre + "stages"])
 
 
-def _fused(lay: Layout, pre: str, d: int) -> bool:
-    """Whether the forward (``pre="fwd_"``) or dq (``"dq_"``) runs the fused query-owned pass (which needs
-    shared segments to fuse with)."""
-    return lay.shared and tune(d)[pre + "fused"]
+def _fused(lay: Layout, t: dict, pre: str) -> bool:
+    """Whether the forward (``pre="fwd_"``) or dq (``"dq_"``) runs the fused query-owned pass with the shapes
+    ``t`` (it needs shared segments to fuse with)."""
+    return lay.shared and t[pre + "fused"]
 
 
 def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, qk_scale, reweight, bwd):
@@ -146,7 +146,7 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, 
     t = tune(d)
     common = dict(D=d, B=lay.block, TOP=lay.top, REWEIGHT=reweight, BWD=bwd, PREC=_prec(q.dtype))
     pre = "dq_" if bwd else "fwd_"
-    if _fused(lay, pre, d):
+    if _fused(lay, t, pre):
         shape = _fused_shape(lay.block, t, pre)
         llsa_q_kernel[(triton.cdiv(n, shape["BM"]), bh)](
             q, k, v, pkv[0], pkv[1], sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
@@ -177,7 +177,7 @@ def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, sc
     select(pooled, lay, out=sel)
     pkv.copy_(pooled[1:])
     part = plse = None
-    if not _fused(lay, "fwd_", d):
+    if not _fused(lay, t, "fwd_"):
         part = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
         plse = torch.empty(bh, n, dtype=torch.float32, device=q.device)
     _launch_q(lay, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part, plse, scale * LOG2E, reweight, bwd=False)
@@ -194,7 +194,7 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
     t = tune(d)
     delta = torch.empty(bh, n, dtype=torch.float32, device=q.device)
     dq_shared = None
-    if _fused(lay, "dq_", d):
+    if _fused(lay, t, "dq_"):
         # the fused dq pass makes delta
         poison(delta)
     else:
