@@ -9,7 +9,8 @@ import torch
 from llsa import llsa_attention
 from llsa.ops.llsa.interface import hierarchical_topk_triton, llsa_attention_triton
 from llsa.ops.llsa.layout import Layout
-from llsa.ops.llsa.naive import hierarchical_topk, llsa_attention_torch
+from llsa.ops.llsa.naive import hierarchical_topk, llsa_attention_torch, pool_levels
+from llsa.ops.llsa.pool import pool_qkv
 from llsa.ops.llsa.transpose import transpose_level
 
 # (N, block, topk, levels, enrich, reweight): N off the block grid, levels 1-3, every enrichment depth,
@@ -74,6 +75,25 @@ def test_kernels_match_reference_at_head_dim_128(case, device):
     _check(*case, torch.float16, device, d=128)
 
 
+@pytest.mark.parametrize("rows", [64, 256], ids=["one-level-per-launch", "two-levels-per-launch"])
+@pytest.mark.parametrize("n, levels", [(300, 2), (700, 3), (5000, 3)])
+def test_pooling_matches_reference_and_writes_the_cast_copies(n, levels, rows, device):
+    """Every level's means of q, k and v, partial trailing blocks included, and the pooled k / v copies in
+    the inputs' dtype that the attention kernels read (poisoned first, so an unwritten row fails)."""
+    torch.manual_seed(n + levels)
+    q, k, v = (torch.randn(2, n, 16, device=device).half() for _ in range(3))
+    lay = Layout(n, 16, 2, levels, levels)
+    kv = torch.full((2, 2, lay.n_pool, 16), float("nan"), device=device, dtype=torch.float16)
+    pooled = pool_qkv(q, k, v, lay, rows=rows, kv_out=kv)
+    for i, x in enumerate((q, k, v)):
+        for level, ref in enumerate(pool_levels(x.float(), 16, levels), start=1):
+            got = pooled[i][:, lay.pool_off[level]:lay.pool_off[level] + lay.sizes[level]]
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(kv, pooled[1:].half())
+    with pytest.raises(ValueError, match="kv_out must be"):
+        pool_qkv(q, k, v, lay, kv_out=kv[:, :, 1:])
+
+
 @pytest.mark.parametrize("dense_max", [1024, 0], ids=["kernel-top", "torch-top"])
 def test_selection_matches_reference(device, dense_max, monkeypatch):
     """Both ways of picking at the coarsest level: the dense kernel and the chunked sort for huge tops."""
@@ -85,6 +105,24 @@ def test_selection_matches_reference(device, dense_max, monkeypatch):
         q, k = torch.randn(2, 1, n, 16, device=device), torch.randn(2, 1, n, 16, device=device)
         got = hierarchical_topk_triton(q, k, block_size=block, topk=topk, levels=levels)
         want = hierarchical_topk(q, k, block_size=block, topk=topk, levels=levels)
+        for g, w in zip(got, want):
+            assert torch.equal(g.cpu(), w.cpu())
+
+
+def test_selection_breaks_exact_ties_towards_the_smaller_index(device):
+    """Exact ties: repeated key blocks score alike and zero queries score every candidate 0; negative
+    scores must order below positive ones."""
+    torch.manual_seed(4)
+    n = 1024
+    q, k = torch.randn(1, 2, n, 16, device=device), torch.randn(1, 2, n, 16, device=device)
+    # blocks 8..15 repeat blocks 0..7 exactly; level-2 token 1 repeats token 0
+    k[..., 128:256, :] = k[..., :128, :]
+    k[..., 256:512, :] = k[..., :256, :]
+    q[:, 0, :64] = 0
+    q[:, 1, 300:400] *= -1
+    for levels in (1, 2):
+        got = hierarchical_topk_triton(q, k, block_size=16, topk=3, levels=levels)
+        want = hierarchical_topk(q, k, block_size=16, topk=3, levels=levels)
         for g, w in zip(got, want):
             assert torch.equal(g.cpu(), w.cpu())
 

@@ -171,11 +171,10 @@ def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, sc
     """Writes ``out``: o (BH, N, D), lse (BH, N) float32, pooled k/v (2, BH, n_pool, D), picks (BH, n_sel) int32."""
     bh, n, d = q.shape
     o, lse, pkv, sel = out
-    poison(o, lse)
+    poison(o, lse, pkv)
     t = tune(d)
-    pooled = pool_qkv(q, k, v, lay, t["pool_rows"], t["pool_warps"])
+    pooled = pool_qkv(q, k, v, lay, t["pool_rows"], t["pool_warps"], kv_out=pkv)
     select(pooled, lay, out=sel)
-    pkv.copy_(pooled[1:])
     part = plse = None
     if not _fused(lay, t, "fwd_"):
         part = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)

@@ -12,9 +12,10 @@ from llsa.ops.llsa.layout import Layout
 
 
 @triton.jit
-def _pool_one(X, Y, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
+def _pool_one(X, Y, C, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
               y2_off, B: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WEIGHTED: tl.constexpr,
-              TWO: tl.constexpr):
+              TWO: tl.constexpr, CAST: tl.constexpr):
+    """One tensor's means into Y (float32) and, with ``CAST``, into C in C's dtype at the same offsets."""
     o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
     # [BT, B]: the input rows under each of the BT output tokens, contiguous in memory
     o_r = o_t[:, None] * B + tl.arange(0, B)[None, :]
@@ -33,41 +34,55 @@ def _pool_one(X, Y, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_o
     # [BT]
     b_cnt = tl.sum(b_w, axis=1)
     b_y = b_sum / tl.maximum(b_cnt, 1.0)[:, None]
-    p_y = Y + i_bh.to(tl.int64) * stride_y + (y_off + o_t)[:, None] * D + o_d[None, :]
-    tl.store(p_y, b_y, mask=(o_t < n_out)[:, None])
+    o_y = i_bh.to(tl.int64) * stride_y + (y_off + o_t)[:, None] * D + o_d[None, :]
+    m_y = (o_t < n_out)[:, None]
+    tl.store(Y + o_y, b_y, mask=m_y)
+    if CAST:
+        tl.store(C + o_y, b_y.to(C.dtype.element_ty), mask=m_y)
     if TWO:
         # [BT // B, D]: the next level's tokens over these BT, as the total over their tokens
         b_sum2 = tl.sum(tl.reshape(b_sum, [BT // B, B, D]), axis=1)
         b_cnt2 = tl.sum(tl.reshape(b_cnt, [BT // B, B]), axis=1)
         o_t2 = i_t.to(tl.int64) * (BT // B) + tl.arange(0, BT // B)
-        p_y2 = Y + i_bh.to(tl.int64) * stride_y + (y2_off + o_t2)[:, None] * D + o_d[None, :]
-        tl.store(p_y2, b_sum2 / tl.maximum(b_cnt2, 1.0)[:, None], mask=(o_t2 < n_out2)[:, None])
+        o_y2 = i_bh.to(tl.int64) * stride_y + (y2_off + o_t2)[:, None] * D + o_d[None, :]
+        m_y2 = (o_t2 < n_out2)[:, None]
+        b_y2 = b_sum2 / tl.maximum(b_cnt2, 1.0)[:, None]
+        tl.store(Y + o_y2, b_y2, mask=m_y2)
+        if CAST:
+            tl.store(C + o_y2, b_y2.to(C.dtype.element_ty), mask=m_y2)
 
 
 @triton.jit
-def pool_kernel(XQ, XK, XV, YQ, YK, YV, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
-                y2_off, B: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WEIGHTED: tl.constexpr,
-                TWO: tl.constexpr):
-    """Level l (and, with ``TWO``, level l+1) of q, k and v from level l-1's n_in rows."""
+def pool_kernel(XQ, XK, XV, YQ, YK, YV, CK, CV, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off,
+                n_out2, y2_off, B: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WEIGHTED: tl.constexpr,
+                TWO: tl.constexpr, CAST: tl.constexpr):
+    """Level l (and, with ``TWO``, level l+1) of q, k and v from level l-1's n_in rows; with ``CAST``, k and v
+    also into CK and CV (the attention kernels' copies, in the inputs' dtype)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     o_d = tl.arange(0, D)
-    _pool_one(XQ, YQ, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
-              y2_off, B, D, BT, WEIGHTED, TWO)
-    _pool_one(XK, YK, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
-              y2_off, B, D, BT, WEIGHTED, TWO)
-    _pool_one(XV, YV, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
-              y2_off, B, D, BT, WEIGHTED, TWO)
+    _pool_one(XQ, YQ, YQ, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
+              y2_off, B, D, BT, WEIGHTED, TWO, False)
+    _pool_one(XK, YK, CK, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
+              y2_off, B, D, BT, WEIGHTED, TWO, CAST)
+    _pool_one(XV, YV, CV, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
+              y2_off, B, D, BT, WEIGHTED, TWO, CAST)
 
 
-def pool_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, rows: int = 128,
-             warps: int = 4) -> torch.Tensor:
+def pool_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, rows: int = 128, warps: int = 4,
+             kv_out: torch.Tensor | None = None) -> torch.Tensor:
     """Pooled means of levels 1..L for (BH, N, D) contiguous q, k, v; each program reads ``rows`` input rows
     (a power of two) of each.
 
     Returns float32 ``(3, BH, n_pool, D)``: q, k, v stacked, levels stacked along rows as ``lay.pool_off``.
+    ``kv_out`` (2, BH, n_pool, D), if given, receives the pooled k and v in its own dtype as well.
     """
     bh, n, d = q.shape
     out = torch.empty((3, bh, lay.n_pool, d), dtype=torch.float32, device=q.device)
+    cast = kv_out is not None
+    if cast and (kv_out.shape != (2, bh, lay.n_pool, d) or not kv_out.is_contiguous()):
+        raise ValueError(f"kv_out must be a contiguous {(2, bh, lay.n_pool, d)} tensor; got {tuple(kv_out.shape)} "
+                         f"with strides {kv_out.stride()}")
+    ck, cv = (kv_out[0], kv_out[1]) if cast else (out[1], out[2])
     bt = max(1, rows // lay.block)
     src, stride_x, x_off = (q, k, v), n * d, 0
     level = 1
@@ -76,9 +91,9 @@ def pool_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, row
         two = level < lay.levels and bt % lay.block == 0
         top = level + 1 if two else level
         grid = (triton.cdiv(n_out, bt), bh)
-        pool_kernel[grid](*src, out[0], out[1], out[2], n_in, n_out, n, lay.spans[level - 1], stride_x, x_off,
-                          lay.n_pool * d, lay.pool_off[level], lay.sizes[top], lay.pool_off[top], B=lay.block,
-                          D=d, BT=bt, WEIGHTED=level > 1, TWO=two, num_warps=warps)
+        pool_kernel[grid](*src, out[0], out[1], out[2], ck, cv, n_in, n_out, n, lay.spans[level - 1], stride_x,
+                          x_off, lay.n_pool * d, lay.pool_off[level], lay.sizes[top], lay.pool_off[top],
+                          B=lay.block, D=d, BT=bt, WEIGHTED=level > 1, TWO=two, CAST=cast, num_warps=warps)
         src, stride_x, x_off = (out[0], out[1], out[2]), lay.n_pool * d, lay.pool_off[top]
         level = top + 1
     return out

@@ -21,8 +21,8 @@ DENSE_MAX = 1024
 
 @triton.jit
 def select_kernel(PQ, PK, SEL, n_l, k_up, k_out, sel_off_l, sel_off_up, pool_off_l, stride_p, stride_s,
-                  B: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, KUP: tl.constexpr, DENSE: tl.constexpr,
-                  PREC: tl.constexpr):
+                  B: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, KUP: tl.constexpr, KOUT: tl.constexpr,
+                  DENSE: tl.constexpr, PREC: tl.constexpr):
     """One program per level-(l+1) parent: its B children (sibling query tokens) share the K*B candidates.
 
     ``DENSE`` (the coarsest level): the program takes B consecutive query tokens and every one of the
@@ -49,7 +49,7 @@ def select_kernel(PQ, PK, SEL, n_l, k_up, k_out, sel_off_l, sel_off_up, pool_off
         m_c = m_slot & (b_cand < n_l)
     # [B, KUP*B]
     b_s = tl.zeros([B, KUP * B], dtype=tl.float32)
-    for i_d in tl.static_range(0, D, DC):
+    for i_d in range(0, D, DC):
         o_d = i_d + tl.arange(0, DC)
         # [B, DC]
         b_q = tl.load(p_pq + (pool_off_l + o_q)[:, None] * D + o_d[None, :], mask=m_q[:, None], other=0.)
@@ -60,19 +60,17 @@ def select_kernel(PQ, PK, SEL, n_l, k_up, k_out, sel_off_l, sel_off_up, pool_off
     # tie-break keys in int32 (n_l < 2^31): the reductions below cost half what int64 ones do
     big = 2147483647
     b_key = tl.where(m_c, b_cand, big).to(tl.int32)
-    b_chosen = tl.zeros([B, KUP * B], dtype=tl.int32)
-    for _ in range(k_out):
+    o_k = tl.arange(0, KOUT)
+    # [B, KOUT]: each query's picks in the order found
+    b_pick = tl.full([B, KOUT], big, dtype=tl.int32)
+    for i_k in range(k_out):
         b_max = tl.max(b_s, axis=1)
         # ties go to the smaller index
         b_idx = tl.min(tl.where(b_s == b_max[:, None], b_key[None, :], big), axis=1)
-        b_hit = b_key[None, :] == b_idx[:, None]
-        b_chosen = tl.where(b_hit, 1, b_chosen)
-        b_s = tl.where(b_hit, float("-inf"), b_s)
-    # candidates are ascending, so the chosen ones in candidate order are the ascending pick list
-    b_pos = tl.cumsum(b_chosen, axis=1) - 1
-    p_out = p_sel + sel_off_l + o_q[:, None] * k_out + b_pos
-    tl.store(p_out, b_cand[None, :].to(tl.int32) + tl.zeros([B, KUP * B], dtype=tl.int32),
-             mask=(b_chosen > 0) & m_q[:, None])
+        b_s = tl.where(b_key[None, :] == b_idx[:, None], float("-inf"), b_s)
+        b_pick = tl.where(o_k[None, :] == i_k, b_idx[:, None], b_pick)
+    tl.store(p_sel + sel_off_l + o_q[:, None] * k_out + o_k[None, :], tl.sort(b_pick, 1),
+             mask=m_q[:, None] & (o_k < k_out)[None, :])
 
 
 def select(pooled: torch.Tensor, lay: Layout, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,7 +86,8 @@ def select(pooled: torch.Tensor, lay: Layout, out: torch.Tensor | None = None) -
         nt = max(lay.block, triton.next_power_of_2(n_top))
         select_kernel[(triton.cdiv(n_top, lay.block), bh)](
             pq, pk, sel, n_top, 0, lay.widths[top], lay.sel_off[top], 0, off, lay.n_pool * d, lay.n_sel,
-            B=lay.block, D=d, DC=min(d, 32) if nt <= 256 else 16, KUP=nt // lay.block, DENSE=True,
+            B=lay.block, D=d, DC=min(d, 32) if nt <= 256 else 16, KUP=nt // lay.block,
+            KOUT=triton.next_power_of_2(lay.widths[top]), DENSE=True,
             PREC=SELECT_PREC, num_warps=4 if nt <= 256 else 8)
     else:
         q_top, k_top = pq[:, off:off + n_top], pk[:, off:off + n_top]
@@ -104,7 +103,8 @@ def select(pooled: torch.Tensor, lay: Layout, out: torch.Tensor | None = None) -
         grid = (lay.sizes[level + 1], bh)
         select_kernel[grid](pq, pk, sel, lay.sizes[level], k_up, lay.widths[level], lay.sel_off[level],
                             lay.sel_off[level + 1], lay.pool_off[level], lay.n_pool * d, lay.n_sel,
-                            B=lay.block, D=d, DC=min(d, 32), KUP=triton.next_power_of_2(k_up), DENSE=False,
+                            B=lay.block, D=d, DC=min(d, 32), KUP=triton.next_power_of_2(k_up),
+                            KOUT=triton.next_power_of_2(lay.widths[level]), DENSE=False,
                             PREC=SELECT_PREC, num_warps=4)
     return sel
 
