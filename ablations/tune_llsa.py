@@ -49,14 +49,19 @@ def stage_times(ns, levels, heads=4, dim=64):
         lay = Layout(n, 16, 8, levels, levels)
         meta = lay.meta("cuda")
         q, k, v = (torch.randn(2 * heads, n, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        pooled = pool_qkv(q, k, v, lay)
+        t = itf.tune(dim)
+        pkv = torch.empty(2, 2 * heads, lay.n_pool, dim, device="cuda", dtype=q.dtype)
+
+        def pool():
+            return pool_qkv(q, k, v, lay, t["pool_rows"], t["pool_warps"], kv_out=pkv)
+
+        pooled = pool()
         sel = select(pooled, lay)
-        pkv = pooled[1:].to(q.dtype)
         o = torch.empty_like(q)
         lse = torch.empty(2 * heads, n, device="cuda")
         part = torch.empty(2 * heads, n, dim, device="cuda")
         plse = torch.empty_like(lse)
-        t_pool = do_bench(lambda: pool_qkv(q, k, v, lay), return_mode="median")
+        t_pool = do_bench(pool, return_mode="median")
         t_sel = do_bench(lambda: select(pooled, lay), return_mode="median")
         t_q = do_bench(lambda: itf._launch_q(lay, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part, plse,
                                              dim ** -0.5 * itf.LOG2E, True, False), return_mode="median")
