@@ -22,6 +22,7 @@ from triton.compiler import ASTSource
 from llsa.ops.llsa import interface as itf
 from llsa.ops.llsa.bwd import llsa_kv_kernel
 from llsa.ops.llsa.fwd import llsa_q_kernel
+from llsa.ops.llsa.layout import Layout
 
 H100 = GPUTarget("cuda", 90, 32)
 # pointer arguments that are not the input dtype
@@ -80,11 +81,11 @@ def inspect(fn, constexprs: dict, num_warps: int, num_stages: int) -> dict:
 
 def kernels(d: int) -> list[tuple[str, object, dict, int, int]]:
     """(name, kernel, constexprs, warps, stages) of the kernels inspected, as launched at head dim ``d``
-    with block 16, two or more levels (shared segments and the coarsest level), reweighting, bf16."""
+    with block 16 and 65,536 tokens in two levels (shared segments and the coarsest level), reweighting, bf16."""
     t = itf.tune(d)
     out = []
     for pre, bwd in (("fwd_", False), ("dq_", True)):
-        shape = itf._fused_shape(16, t, pre)
+        shape = itf._fused_shape(Layout(65536, 16, 8, 2, 2), t, pre)
         warps, stages = shape.pop("num_warps"), shape.pop("num_stages")
         const = dict(B=16, D=d, FINE=False, SHARED=True, MERGE=False, TOP=True, REWEIGHT=True, BWD=bwd,
                      SWAP=False, PREC="tf32", FUSED=True, MAKE_DELTA=bwd, **shape)

@@ -59,6 +59,8 @@ def main(argv=None):
         for e in kernels:
             print(f"  {e.name[:64]:64s} {e.device_time:9.1f} us")
         if args.host:
+            # the profiled backward above freed o's graph
+            o = llsa_attention_triton(q, k, v, **kw)
             cpu = torch.profiler.ProfilerActivity.CPU
             for name, fn in (("forward", lambda: llsa_attention_triton(q, k, v, **kw)),
                              ("backward", lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))):
@@ -72,12 +74,14 @@ def main(argv=None):
             import cProfile
             import pstats
 
-            with cProfile.Profile() as host:
-                for _ in range(20):
-                    llsa_attention_triton(q, k, v, **kw).backward(do)
-                torch.cuda.synchronize()
-            pstats.Stats(host).sort_stats("tottime").print_stats(22)
-
+            for name, fn in (("forward", lambda: llsa_attention_triton(q, k, v, **kw)),
+                             ("forward+backward", lambda: llsa_attention_triton(q, k, v, **kw).backward(do))):
+                with cProfile.Profile() as host:
+                    for _ in range(20):
+                        fn()
+                    torch.cuda.synchronize()
+                print(f"cProfile of 20 {name} calls:")
+                pstats.Stats(host).sort_stats("tottime").print_stats(22)
 
 if __name__ == "__main__":
     main()

@@ -29,6 +29,7 @@ GROUPS = {
         "gate": dict(fwd_fused=[True, False]),
         "fused": dict(fwd_rows=[64, 128], fwd_keys=[16, 32], fwd_warps=[4, 8], fwd_stages=[2, 3]),
         "fused_kpi": dict(fwd_kpi=[1, 2, 4, 8]),
+        "fused_top": dict(fwd_top_keys=[32, 64, 128]),
     },
     "backward": {
         "gate": dict(dq_fused=[True, False]),
@@ -37,6 +38,7 @@ GROUPS = {
         "kv": dict(kv_rows=[32, 64, 128, 256], kv_warps=[4, 8], kv_stages=[3, 2]),
         "dq": dict(dq_rows=[64, 128], dq_keys=[16, 32], dq_warps=[4, 8], dq_stages=[2, 3]),
         "dq_kpi": dict(dq_kpi=[1, 2, 4, 8]),
+        "dq_top": dict(dq_top_keys=[32, 64, 128]),
         "top": dict(top_keys=[64, 128], top_warps=[4, 8]),
         "top_programs": dict(top_programs=[512, 1024, 2048, 4096]),
         "cand": dict(cand_keys=[64, 128], cand_rows=[32, 64, 128], cand_warps=[4, 8]),

@@ -249,15 +249,16 @@ def test_every_ancestor_picks_one_coarse_token(device):
 
 
 @pytest.mark.parametrize("tiles", [
-    dict(pool_rows=512, fwd_kpi=8, fwd_keys=16, dq_kpi=8, dq_keys=16, cand_keys=128, cand_rows=128, kv_rows=256,
-         top_keys=128),
-    dict(pool_rows=64, fwd_rows=64, dq_rows=64),
+    dict(pool_rows=512, fwd_kpi=8, fwd_keys=16, fwd_top_keys=128, dq_kpi=8, dq_keys=16, dq_top_keys=128,
+         cand_keys=128, cand_rows=128, kv_rows=256, top_keys=128),
+    dict(pool_rows=64, fwd_rows=64, dq_rows=64, fwd_top_keys=16, dq_top_keys=16),
     dict(fwd_fused=False, dq_fused=False, shared_kpi=8, fine_keys=128)], ids=["wide", "narrow", "split"])
-@pytest.mark.parametrize("case", [CASES[4], CASES[7], (200, 32, 2, 1, 1, True)],
-                         ids=["N700-L3", "N200-B32", "N200-B32-top"])
+@pytest.mark.parametrize("case", [CASES[4], CASES[7], (200, 32, 2, 1, 1, True), (600, 16, 2, 1, 1, True)],
+                         ids=["N700-L3", "N200-B32", "N200-B32-top", "N600-top38"])
 def test_kernels_match_reference_at_the_other_swept_tile_shapes(case, tiles, device, monkeypatch):
     """tune_llsa may pick any tile shape it sweeps, and the query-owned pass may run fused or split; each
-    must compute the same attention."""
+    must compute the same attention (N600-top38: 38 coarsest tokens, so one, two or three steps over them with
+    a partial last one)."""
     from llsa.ops.llsa import interface
 
     monkeypatch.setattr(interface, "TUNE", {**interface.TUNE, **tiles})

@@ -10,7 +10,7 @@ the original tokens through the pooling backward, fused into the fine kernel's e
 import triton
 import triton.language as tl
 
-from llsa.ops.llsa.fwd import _cand_rows, _log2_weight
+from llsa.ops.llsa.fwd import _cand_rows, _level_log2_weights, _log2_weight
 
 
 @triton.jit
@@ -53,13 +53,16 @@ def _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, p_idx, first,
 
 
 @triton.jit
-def _key_tile(K, V, o_kr, o_row, m_row, o_d, span, N, D: tl.constexpr, BN: tl.constexpr, REWEIGHT: tl.constexpr):
+def _key_tile(K, V, o_kr, o_row, m_row, o_d, span, n_l, N, D: tl.constexpr, BN: tl.constexpr,
+              REWEIGHT: tl.constexpr):
     """The BN key and value rows at flat rows ``o_kr`` (valid where ``m_row``; ``o_row`` is their index in
-    their level, whose tokens cover ``span`` originals each), their log2 weights, and zeroed dk^T, dv^T."""
+    their level of ``n_l`` tokens, which cover ``span`` originals each), their log2 weights, and zeroed dk^T,
+    dv^T."""
     # [BN, D]
     b_k = tl.load(K + o_kr[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
     b_v = tl.load(V + o_kr[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
-    b_bias = _log2_weight(o_row, m_row, span, N, REWEIGHT)
+    w_full, w_last = _level_log2_weights(span, n_l, N)
+    b_bias = _log2_weight(o_row, m_row, n_l, w_full, w_last, REWEIGHT)
     # [D, BN]
     b_zero = tl.zeros([D, BN], dtype=tl.float32)
     return b_k, b_v, b_bias, b_zero, b_zero
@@ -80,7 +83,7 @@ def llsa_kv_kernel(Q, K, V, DO, LSE, DELTA, META, ROWPTR, IDX, DK, DV, DPK, DPV,
     o_r = i_u * B + tl.arange(0, B)
     m_r = o_r < N
     o_kr = i_bh * N + o_r
-    b_k, b_v, b_bias, b_dkt, b_dvt = _key_tile(K, V, o_kr, o_r, m_r, o_d, 1, N, D, B, REWEIGHT)
+    b_k, b_v, b_bias, b_dkt, b_dvt = _key_tile(K, V, o_kr, o_r, m_r, o_d, 1, N, N, D, B, REWEIGHT)
     p_ptr = ROWPTR + i_bh * (n_up + 1) + i_u
     first = tl.load(p_ptr)
     count = tl.load(p_ptr + 1) - first
@@ -131,7 +134,7 @@ def llsa_cand_kv_kernel(Q, PK, PV, DO, LSE, DELTA, META, SEL, PART_K, PART_V, N,
     o_n = tl.arange(0, BN)
     o_row, m_row = _cand_rows(SEL + i_bh * n_sel + sel_up + i_a * w_up, w_up, i_it, n_l, o_n, B, KPI)
     o_kr = i_bh * n_pool + off_l + o_row
-    b_k, b_v, b_bias, b_dkt, b_dvt = _key_tile(PK, PV, o_kr, o_row, m_row, o_d, span_l, N, D, BN, REWEIGHT)
+    b_k, b_v, b_bias, b_dkt, b_dvt = _key_tile(PK, PV, o_kr, o_row, m_row, o_d, span_l, n_l, N, D, BN, REWEIGHT)
     first = i_a * span_q
     count = tl.minimum(span_q, N - first)
     b_dkt, b_dvt = _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, SEL, first, count, 1, 1, i_bh,
@@ -191,7 +194,7 @@ def llsa_top_kv_kernel(Q, PK, PV, DO, LSE, DELTA, META, PDK, PDV, N, n_pool, lev
     o_r = i_t.to(tl.int64) * BK + tl.arange(0, BK)
     m_r = o_r < n_t
     o_kr = i_bh * n_pool + off_t + o_r
-    b_k, b_v, b_bias, b_dkt, b_dvt = _key_tile(PK, PV, o_kr, o_r, m_r, o_d, span_t, N, D, BK, REWEIGHT)
+    b_k, b_v, b_bias, b_dkt, b_dvt = _key_tile(PK, PV, o_kr, o_r, m_r, o_d, span_t, n_t, N, D, BK, REWEIGHT)
     first = i_c.to(tl.int64) * chunk
     count = tl.minimum(first + chunk, N) - first
     b_dkt, b_dvt = _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, LSE, first, count, 1, 1, i_bh,

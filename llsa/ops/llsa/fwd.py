@@ -25,11 +25,19 @@ def _cand_rows(p_row, k_up, i_it, n_l, o_n, B: tl.constexpr, KPI: tl.constexpr):
 
 
 @triton.jit
-def _log2_weight(o_row, m_row, span, n, REWEIGHT: tl.constexpr):
-    """log2 of each key's weight (its token count when reweighting), -inf for keys that don't exist."""
+def _level_log2_weights(span, n_l, n):
+    """log2 of the token counts of a level whose tokens cover ``span`` originals each: every token's but the
+    last (of ``n_l``), and the last's, which covers what is left of the ``n`` originals."""
+    return tl.log2(tl.cast(span, tl.float32)), tl.log2(tl.cast(n - (n_l - 1) * span, tl.float32))
+
+
+@triton.jit
+def _log2_weight(o_row, m_row, n_l, w_full, w_last, REWEIGHT: tl.constexpr):
+    """log2 of each key's weight (its token count when reweighting), -inf for keys that don't exist. The two
+    counts a level has come from ``_level_log2_weights`` outside the key loop: a log2 per key would cost
+    ~20 instructions each."""
     if REWEIGHT:
-        b_cnt = (tl.minimum((o_row + 1) * span, n) - o_row * span).to(tl.float32)
-        b_w = tl.log2(tl.maximum(b_cnt, 1.0))
+        b_w = tl.where(o_row == n_l - 1, w_last, w_full)
     else:
         b_w = tl.zeros(o_row.shape, dtype=tl.float32)
     return tl.where(m_row, b_w, float("-inf"))
@@ -156,16 +164,17 @@ def _fused_fine(b_q, b_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k
 @triton.jit
 def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, O, DO, LSE, DELTA, OUT, PART, PLSE, N, n_pool, n_sel, n_seg, levels,
                   qk_scale, B: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, KPI: tl.constexpr,
-                  FINE: tl.constexpr, SHARED: tl.constexpr, MERGE: tl.constexpr, TOP: tl.constexpr,
-                  REWEIGHT: tl.constexpr, BWD: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr,
+                  BT: tl.constexpr, FINE: tl.constexpr, SHARED: tl.constexpr, MERGE: tl.constexpr,
+                  TOP: tl.constexpr, REWEIGHT: tl.constexpr, BWD: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr,
                   FUSED: tl.constexpr = False, FKPI: tl.constexpr = 1, MAKE_DELTA: tl.constexpr = False):
     """Forward (OUT = o, LSE written) or dq (OUT = dq; LSE and DELTA read) for BM queries.
 
     ``FINE``: segment 0, whose keys differ per query block, so BM = B. ``SHARED``: the enriched candidate
-    segments and the coarsest level, whose keys all BM queries share (BM <= B^2 keeps a tile under one
-    level-2 ancestor). Split runs write the shared part to PART (o and its LSE in PLSE, or dq) and the
-    fine run merges it (``MERGE``) through the log-sum-exp. ``FUSED`` (with ``SHARED``): the same program
-    then runs the fine segment of its BM / B query blocks, FKPI picked blocks per step, and writes the result.
+    segments and the coarsest level (BT contiguous keys per step), whose keys all BM queries share (BM <= B^2
+    keeps a tile under one level-2 ancestor). Split runs write the shared part to PART (o and its LSE in
+    PLSE, or dq) and the fine run merges it (``MERGE``) through the log-sum-exp. ``FUSED`` (with ``SHARED``):
+    the same program then runs the fine segment of its BM / B query blocks, FKPI picked blocks per step, and
+    writes the result.
     ``MAKE_DELTA`` (fused dq): delta = rowsum(o * do) is computed here from O and written to DELTA for the
     kernels after it, instead of read.
     """
@@ -229,9 +238,10 @@ def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, O, DO, LSE, DELTA, OUT, PART, PLSE
             p_v = PV + (i_bh * n_pool + off_l) * D
         # the level-(lv+1) ancestor of these queries owns the candidate list
         p_row = p_sel + sel_up + (i_qb // span_l) * k_up
+        w_full, w_last = _level_log2_weights(span_l, n_l, N)
         for i_it in range(0, tl.cdiv(k_up, KPI)):
             o_row, m_row = _cand_rows(p_row, k_up, i_it, n_l, o_n, B, KPI)
-            b_bias = _log2_weight(o_row, m_row, span_l, N, REWEIGHT)
+            b_bias = _log2_weight(o_row, m_row, n_l, w_full, w_last, REWEIGHT)
             b_acc, b_m, b_l = _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_acc,
                                       b_m, b_l, qk_scale, D, BWD, SWAP, PREC)
     if SHARED and TOP:
@@ -240,10 +250,12 @@ def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, O, DO, LSE, DELTA, OUT, PART, PLSE
         span_t = tl.load(META + levels * 6 + 4)
         p_k = PK + (i_bh * n_pool + off_t) * D
         p_v = PV + (i_bh * n_pool + off_t) * D
-        for i_it in range(0, tl.cdiv(n_t, BN)):
-            o_row = i_it * BN + o_n.to(tl.int64)
+        w_full, w_last = _level_log2_weights(span_t, n_t, N)
+        o_t = tl.arange(0, BT).to(tl.int64)
+        for i_it in range(0, tl.cdiv(n_t, BT)):
+            o_row = i_it * BT + o_t
             m_row = o_row < n_t
-            b_bias = _log2_weight(o_row, m_row, span_t, N, REWEIGHT)
+            b_bias = _log2_weight(o_row, m_row, n_t, w_full, w_last, REWEIGHT)
             b_acc, b_m, b_l = _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_acc,
                                       b_m, b_l, qk_scale, D, BWD, SWAP, PREC)
     if FUSED:

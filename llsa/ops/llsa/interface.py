@@ -22,13 +22,15 @@ from llsa.ops.validate import kernel_device_support
 HEAD_DIMS = (16, 32, 64, 128)
 # Launch shapes, measured on an H100 (docs/benchmarks.md); ablations/tune_llsa.py sweeps them. pool_*: input
 # rows per pooling program, warps; fwd_* and dq_*: the fused query-owned pass of the forward and of dq (query
-# rows, shared key tile in 16-key blocks, fine keys per step, warps, stages); ``*_fused=False`` runs the split
+# rows, shared key tile in 16-key blocks, fine keys per step, coarsest-level keys per step, warps, stages);
+# ``*_fused=False`` runs the split
 # passes instead, whose shapes are shared_* and fine_* (fine_keys: keys per tile of the fine segment); cand_*:
 # the enriched candidates' dk/dv (keys per tile, query rows per step, warps); kv_*: the fine keys' dk/dv;
 # top_*: the coarsest level's dk/dv (top_programs: how many programs to split the queries into chunks for;
 # their partials are then summed).
-TUNE = dict(pool_rows=256, pool_warps=2, fwd_fused=True, fwd_rows=128, fwd_kpi=2, fwd_keys=32, fwd_warps=4,
-            fwd_stages=2, dq_fused=True, dq_rows=128, dq_kpi=2, dq_keys=32, dq_warps=4, dq_stages=2,
+TUNE = dict(pool_rows=256, pool_warps=2, fwd_fused=True, fwd_rows=128, fwd_kpi=2, fwd_keys=32, fwd_top_keys=64,
+            fwd_warps=4, fwd_stages=2, dq_fused=True, dq_rows=128, dq_kpi=2, dq_keys=32, dq_top_keys=32, dq_warps=4,
+            dq_stages=2,
             shared_kpi=4, shared_warps=4, shared_stages=2, fine_keys=64, fine_warps=4, fine_stages=2,
             cand_keys=64, cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4, kv_stages=2, top_keys=64,
             top_warps=4, top_programs=512)
@@ -125,10 +127,17 @@ def _shared_rows(block: int) -> int:
     return min(128, block * block)
 
 
-def _fused_shape(block: int, t: dict, pre: str) -> dict:
+def _top_keys(lay: Layout, keys: int) -> int:
+    """Keys per step over the coarsest level: ``keys``, or fewer where the level has fewer tokens."""
+    return max(16, min(keys, triton.next_power_of_2(lay.sizes[lay.levels])))
+
+
+def _fused_shape(lay: Layout, t: dict, pre: str) -> dict:
     """Tile constexprs and launch options of the fused query-owned pass (``pre``: "fwd_" or "dq_")."""
+    block = lay.block
     return dict(BM=max(block, min(t[pre + "rows"], _shared_rows(block))), KPI=max(1, t[pre + "kpi"] * 16 // block),
-                FKPI=max(1, t[pre + "keys"] // block), num_warps=t[pre + "warps"], num_stages=t[pre + "stages"])
+                FKPI=max(1, t[pre + "keys"] // block), BT=_top_keys(lay, t[pre + "top_keys"]),
+                num_warps=t[pre + "warps"], num_stages=t[pre + "stages"])
 
 
 def _fused(lay: Layout, t: dict, pre: str) -> bool:
@@ -147,7 +156,7 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, 
     common = dict(D=d, B=lay.block, TOP=lay.top, REWEIGHT=reweight, BWD=bwd, PREC=_prec(q.dtype))
     pre = "dq_" if bwd else "fwd_"
     if _fused(lay, t, pre):
-        shape = _fused_shape(lay.block, t, pre)
+        shape = _fused_shape(lay, t, pre)
         llsa_q_kernel[(triton.cdiv(n, shape["BM"]), bh)](
             q, k, v, pkv[0], pkv[1], sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
             lay.n_seg, lay.levels, qk_scale, FINE=False, SHARED=True, MERGE=False, SWAP=False, FUSED=True,
@@ -155,14 +164,15 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, 
         return
     if lay.shared:
         bm = _shared_rows(lay.block)
+        kpi = max(1, t["shared_kpi"] * 16 // lay.block)
         llsa_q_kernel[(triton.cdiv(n, bm), bh)](
             q, k, v, pkv[0], pkv[1], sel, meta, o, do, plse if not bwd else lse, delta, part, part, plse, n,
             lay.n_pool, lay.n_sel, lay.n_seg, lay.levels, qk_scale, BM=bm, FINE=False, SHARED=True,
-            MERGE=False, SWAP=False, KPI=max(1, t["shared_kpi"] * 16 // lay.block),
+            MERGE=False, SWAP=False, KPI=kpi, BT=_top_keys(lay, kpi * lay.block),
             num_warps=t["shared_warps"], num_stages=t["shared_stages"], **common)
     llsa_q_kernel[(lay.sizes[1], bh)](
         q, k, v, pkv[0], pkv[1], sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
-        lay.n_seg, lay.levels, qk_scale, BM=lay.block, FINE=True, SHARED=False, MERGE=lay.shared, SWAP=True,
+        lay.n_seg, lay.levels, qk_scale, BM=lay.block, BT=16, FINE=True, SHARED=False, MERGE=lay.shared, SWAP=True,
         KPI=max(1, t["fine_keys"] // lay.block), num_warps=t["fine_warps"],
         num_stages=t["fine_stages"], **common)
 
