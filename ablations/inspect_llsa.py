@@ -88,7 +88,7 @@ def kernels(d: int) -> list[tuple[str, object, dict, int, int]]:
         shape = itf._fused_shape(Layout(65536, 16, 8, 2, 2), t, pre)
         warps, stages = shape.pop("num_warps"), shape.pop("num_stages")
         const = dict(B=16, D=d, FINE=False, SHARED=True, MERGE=False, TOP=True, REWEIGHT=True, BWD=bwd,
-                     SWAP=False, PREC="tf32", FUSED=True, MAKE_DELTA=bwd, **shape)
+                     SWAP=False, PREC="tf32", WIDE=False, FUSED=True, MAKE_DELTA=bwd, **shape)
         out.append((f"fused {'dq' if bwd else 'forward'} (BM={shape['BM']})", llsa_q_kernel, const, warps, stages))
     const = dict(B=16, D=d, BMQ=t["kv_rows"], POOLED=True, REWEIGHT=True, PREC="tf32")
     out.append((f"fine dk/dv (BMQ={t['kv_rows']})", llsa_kv_kernel, const, t["kv_warps"], t["kv_stages"]))

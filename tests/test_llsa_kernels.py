@@ -266,6 +266,18 @@ def test_kernels_match_reference_at_the_other_swept_tile_shapes(case, tiles, dev
     _check(*case, torch.float32, device)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
+def test_int64_row_offsets_match_reference(fused, device, monkeypatch):
+    """Heads of 2^31 elements or more take the kernels' int64 row offsets; every smaller one the int32 path,
+    so the wide path runs here by lowering the threshold."""
+    from llsa.ops.llsa import interface
+
+    monkeypatch.setattr(interface, "INT32_SLAB", 0)
+    monkeypatch.setattr(interface, "TUNE", {**interface.TUNE, "fwd_fused": fused, "dq_fused": fused})
+    torch.manual_seed(11)
+    _check(*CASES[4], torch.float32, device)
+
+
 def test_wide_head_dim_shapes_override_known_keys_only():
     """A misspelt key in TUNE_WIDE would be silently ignored by the launchers, which read TUNE's keys."""
     from llsa.ops.llsa import interface

@@ -16,10 +16,11 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _cand_rows(p_row, k_up, i_it, n_l, o_n, B: tl.constexpr, KPI: tl.constexpr):
-    """Rows of tile ``i_it`` of a candidate segment: children of picks ``i_it*KPI ..`` of one ancestor."""
+    """Rows of tile ``i_it`` of a candidate segment: children of picks ``i_it*KPI ..`` of one ancestor, as
+    int32 indices into their level (callers widen them for addresses)."""
     o_slot = i_it * KPI + o_n // B
     m_slot = o_slot < k_up
-    b_u = tl.load(p_row + o_slot, mask=m_slot, other=0).to(tl.int64)
+    b_u = tl.load(p_row + o_slot, mask=m_slot, other=0)
     o_row = b_u * B + o_n % B
     return o_row, m_slot & (o_row < n_l)
 
@@ -44,6 +45,16 @@ def _log2_weight(o_row, m_row, n_l, w_full, w_last, REWEIGHT: tl.constexpr):
 
 
 @triton.jit
+def _row_offsets(o_row, D: tl.constexpr, WIDE: tl.constexpr):
+    """Element offsets of rows ``o_row`` of a [rows, D] slab: int32 (one wide multiply-add per address
+    later) unless ``WIDE``, which the launcher sets where a slab can hold 2^31 elements."""
+    if WIDE:
+        return o_row.to(tl.int64) * D
+    else:
+        return o_row * D
+
+
+@triton.jit
 def _bq(x, SWAP: tl.constexpr):
     """A per-query vector broadcast against a query tile: [BM] -> [BM, 1], or [1, BM] when swapped."""
     if SWAP:
@@ -54,13 +65,14 @@ def _bq(x, SWAP: tl.constexpr):
 
 @triton.jit
 def _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_acc, b_m, b_l, qk_scale,
-            D: tl.constexpr, BWD: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr):
+            D: tl.constexpr, BWD: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr):
     """One key tile of the online softmax (or of dq). With ``SWAP`` the query tiles are transposed,
     [D, BM], so every product has the BN keys or the D channels as its row dimension: Hopper's wgmma
     needs 64 rows, which a 16-query block alone cannot give."""
     # [BN, D]
-    b_k = tl.load(p_k + o_row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
-    b_v = tl.load(p_v + o_row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
+    p_kv = _row_offsets(o_row, D, WIDE)[:, None] + o_d[None, :]
+    b_k = tl.load(p_k + p_kv, mask=m_row[:, None], other=0.)
+    b_v = tl.load(p_v + p_kv, mask=m_row[:, None], other=0.)
     if SWAP:
         # [BN, BM]
         b_s = tl.dot(b_k, b_q, input_precision=PREC) * qk_scale + b_bias[:, None]
@@ -99,7 +111,7 @@ def _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_a
 @triton.jit
 def _fused_fine(b_q, b_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k_up, n_blk, i_qb, o_m, N, qk_scale,
                 p_o, p_lse, B: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, KPI: tl.constexpr,
-                BWD: tl.constexpr, PREC: tl.constexpr):
+                BWD: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr):
     """The fine segment of a whole query tile after its shared part, then the tile's output: o and lse
     (continuing the shared part's online softmax), or dq (adding to the shared part's sum).
 
@@ -128,11 +140,11 @@ def _fused_fine(b_q, b_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k
         o_slot = i_it * KPI + o_n // B
         # [G, BN]
         m_gn = m_g[:, None] & (o_slot < k_up)[None, :]
-        b_u = tl.load(p_pick + o_pick[:, None] + o_slot[None, :], mask=m_gn, other=0).to(tl.int64)
+        b_u = tl.load(p_pick + o_pick[:, None] + o_slot[None, :], mask=m_gn, other=0)
         o_row = b_u * B + (o_n % B)[None, :]
         m_row = m_gn & (o_row < N)
         # [G, BN, D]
-        o_kv = o_row[:, :, None] * D + o_d[None, None, :]
+        o_kv = _row_offsets(o_row, D, WIDE)[:, :, None] + o_d[None, None, :]
         b_k = tl.load(p_k + o_kv, mask=m_row[:, :, None], other=0.)
         b_v = tl.load(p_v + o_kv, mask=m_row[:, :, None], other=0.)
         # [G, B, BN]
@@ -166,7 +178,8 @@ def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, O, DO, LSE, DELTA, OUT, PART, PLSE
                   qk_scale, B: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, KPI: tl.constexpr,
                   BT: tl.constexpr, FINE: tl.constexpr, SHARED: tl.constexpr, MERGE: tl.constexpr,
                   TOP: tl.constexpr, REWEIGHT: tl.constexpr, BWD: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr,
-                  FUSED: tl.constexpr = False, FKPI: tl.constexpr = 1, MAKE_DELTA: tl.constexpr = False):
+                  WIDE: tl.constexpr, FUSED: tl.constexpr = False, FKPI: tl.constexpr = 1,
+                  MAKE_DELTA: tl.constexpr = False):
     """Forward (OUT = o, LSE written) or dq (OUT = dq; LSE and DELTA read) for BM queries.
 
     ``FINE``: segment 0, whose keys differ per query block, so BM = B. ``SHARED``: the enriched candidate
@@ -176,7 +189,8 @@ def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, O, DO, LSE, DELTA, OUT, PART, PLSE
     the same program then runs the fine segment of its BM / B query blocks, FKPI picked blocks per step, and
     writes the result.
     ``MAKE_DELTA`` (fused dq): delta = rowsum(o * do) is computed here from O and written to DELTA for the
-    kernels after it, instead of read.
+    kernels after it, instead of read. ``WIDE``: row offsets within one head's keys in int64 (see
+    ``_row_offsets``).
     """
     BN: tl.constexpr = KPI * B
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -225,10 +239,11 @@ def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, O, DO, LSE, DELTA, OUT, PART, PLSE
     else:
         seg_hi = 1
     for lv in range(seg_lo, seg_hi):
-        n_l = tl.load(META + lv * 6 + 0)
+        # row indices and counts within a level fit int32, which halves the cost of comparing them per key
+        n_l = tl.load(META + lv * 6 + 0).to(tl.int32)
         off_l = tl.load(META + lv * 6 + 3)
         span_l = tl.load(META + lv * 6 + 4)
-        k_up = tl.load(META + (lv + 1) * 6 + 1)
+        k_up = tl.load(META + (lv + 1) * 6 + 1).to(tl.int32)
         sel_up = tl.load(META + (lv + 1) * 6 + 2)
         if lv == 0:
             p_k = K + i_bh * N * D
@@ -243,26 +258,26 @@ def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, O, DO, LSE, DELTA, OUT, PART, PLSE
             o_row, m_row = _cand_rows(p_row, k_up, i_it, n_l, o_n, B, KPI)
             b_bias = _log2_weight(o_row, m_row, n_l, w_full, w_last, REWEIGHT)
             b_acc, b_m, b_l = _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_acc,
-                                      b_m, b_l, qk_scale, D, BWD, SWAP, PREC)
+                                      b_m, b_l, qk_scale, D, BWD, SWAP, PREC, WIDE)
     if SHARED and TOP:
-        n_t = tl.load(META + levels * 6 + 0)
+        n_t = tl.load(META + levels * 6 + 0).to(tl.int32)
         off_t = tl.load(META + levels * 6 + 3)
         span_t = tl.load(META + levels * 6 + 4)
         p_k = PK + (i_bh * n_pool + off_t) * D
         p_v = PV + (i_bh * n_pool + off_t) * D
         w_full, w_last = _level_log2_weights(span_t, n_t, N)
-        o_t = tl.arange(0, BT).to(tl.int64)
+        o_t = tl.arange(0, BT)
         for i_it in range(0, tl.cdiv(n_t, BT)):
             o_row = i_it * BT + o_t
             m_row = o_row < n_t
             b_bias = _log2_weight(o_row, m_row, n_t, w_full, w_last, REWEIGHT)
             b_acc, b_m, b_l = _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_acc,
-                                      b_m, b_l, qk_scale, D, BWD, SWAP, PREC)
+                                      b_m, b_l, qk_scale, D, BWD, SWAP, PREC, WIDE)
     if FUSED:
         # level 1's picks (META row 1) hold each query block's fine key blocks
         _fused_fine(b_q, b_do, b_lse2, b_delta, b_acc, b_m, b_l, K + i_bh * N * D, V + i_bh * N * D,
                     p_sel + tl.load(META + 6 + 2), tl.load(META + 6 + 1), tl.load(META + 6 + 0), i_qb, o_m, N,
-                    qk_scale, OUT + i_bh * N * D, LSE + i_bh * N, B, BM, D, FKPI, BWD, PREC)
+                    qk_scale, OUT + i_bh * N * D, LSE + i_bh * N, B, BM, D, FKPI, BWD, PREC, WIDE)
     else:
         if BWD:
             b_out = b_acc * (qk_scale * 0.6931471805599453)

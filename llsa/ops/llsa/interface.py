@@ -41,6 +41,11 @@ TUNE_WIDE = dict(pool_rows=256, pool_warps=8, fwd_rows=64, dq_rows=64, shared_kp
                  cand_rows=32)
 
 
+# Below this many elements in one head's (N, D) slab the query-owned kernels address rows with int32 offsets
+# (one wide multiply-add per address instead of 64-bit arithmetic); from there on with int64 ones.
+INT32_SLAB = 1 << 31
+
+
 def tune(d: int) -> dict:
     """The launch shapes for head dim ``d``."""
     return {**TUNE, **TUNE_WIDE} if d > 64 else TUNE
@@ -153,7 +158,8 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, 
     block, merged."""
     bh, n, d = q.shape
     t = tune(d)
-    common = dict(D=d, B=lay.block, TOP=lay.top, REWEIGHT=reweight, BWD=bwd, PREC=_prec(q.dtype))
+    common = dict(D=d, B=lay.block, TOP=lay.top, REWEIGHT=reweight, BWD=bwd, PREC=_prec(q.dtype),
+                  WIDE=n * d >= INT32_SLAB)
     pre = "dq_" if bwd else "fwd_"
     if _fused(lay, t, pre):
         shape = _fused_shape(lay, t, pre)
