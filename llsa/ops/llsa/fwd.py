@@ -174,13 +174,14 @@ def _fused_fine(b_q, b_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k
 
 
 @triton.jit
-def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, O, DO, LSE, DELTA, OUT, PART, PLSE, N, n_pool, n_sel, n_seg, levels,
-                  qk_scale, B: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, KPI: tl.constexpr,
+def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PART, PLSE, N, n_pool, n_sel, n_seg,
+                  levels, qk_scale, B: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, KPI: tl.constexpr,
                   BT: tl.constexpr, FINE: tl.constexpr, SHARED: tl.constexpr, MERGE: tl.constexpr,
                   TOP: tl.constexpr, REWEIGHT: tl.constexpr, BWD: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr,
                   WIDE: tl.constexpr, FUSED: tl.constexpr = False, FKPI: tl.constexpr = 1,
                   MAKE_DELTA: tl.constexpr = False):
-    """Forward (OUT = o, LSE written) or dq (OUT = dq; LSE and DELTA read) for BM queries.
+    """Forward (OUT = o, LSE written) or dq (OUT = dq; LSE and DELTA read) for BM queries. PKV holds the
+    pooled keys, and the pooled values ``kv_plane`` elements further.
 
     ``FINE``: segment 0, whose keys differ per query block, so BM = B. ``SHARED``: the enriched candidate
     segments and the coarsest level (BT contiguous keys per step), whose keys all BM queries share (BM <= B^2
@@ -193,6 +194,8 @@ def llsa_q_kernel(Q, K, V, PK, PV, SEL, META, O, DO, LSE, DELTA, OUT, PART, PLSE
     ``_row_offsets``).
     """
     BN: tl.constexpr = KPI * B
+    PK = PKV
+    PV = PKV + kv_plane
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_bh = i_bh.to(tl.int64)
     o_m = i_t.to(tl.int64) * BM + tl.arange(0, BM)

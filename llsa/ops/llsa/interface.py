@@ -37,8 +37,8 @@ TUNE = dict(pool_rows=256, pool_warps=2, fwd_fused=True, fwd_rows=128, fwd_kpi=4
 # Overrides of TUNE above head dim 64, measured at D=128 (``tune_llsa --dim 128``): tiles of the same row
 # count hold twice the bytes there, so the fastest shapes have fewer rows (the fused pass at 128 rows spills)
 # or more warps.
-TUNE_WIDE = dict(pool_rows=256, pool_warps=8, fwd_rows=64, dq_rows=64, shared_kpi=2, fine_keys=32, kv_rows=64,
-                 cand_rows=32)
+TUNE_WIDE = dict(pool_rows=256, pool_warps=8, fwd_rows=64, fwd_kpi=2, fwd_top_keys=32, dq_rows=64, shared_kpi=2,
+                 fine_keys=32, kv_rows=64, cand_rows=32)
 
 
 # Below this many elements in one head's (N, D) slab the query-owned kernels address rows with int32 offsets
@@ -62,9 +62,9 @@ def kernel_support(q: torch.Tensor, block_size: int) -> str | None:
     return kernel_device_support(q)
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    # [b, h, N, D] -> [b*h, N, D], contiguous
-    return x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
+def _contiguous(x: torch.Tensor) -> torch.Tensor:
+    # the kernels index (..., N, D) tensors as (BH, N, D) rows; a contiguous one is passed as it is
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -156,7 +156,8 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, 
     then each query block's fine segment; fused dq also makes delta), or with ``fwd_fused`` / ``dq_fused``
     off or no shared segments, split: shared segments in 128-query tiles, then the fine segment of each
     block, merged."""
-    bh, n, d = q.shape
+    n, d = q.shape[-2:]
+    bh = q.numel() // (n * d)
     t = tune(d)
     common = dict(D=d, B=lay.block, TOP=lay.top, REWEIGHT=reweight, BWD=bwd, PREC=_prec(q.dtype),
                   WIDE=n * d >= INT32_SLAB)
@@ -164,7 +165,7 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, 
     if _fused(lay, t, pre):
         shape = _fused_shape(lay, t, pre)
         llsa_q_kernel[(triton.cdiv(n, shape["BM"]), bh)](
-            q, k, v, pkv[0], pkv[1], sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
+            q, k, v, pkv, pkv.stride(0), sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
             lay.n_seg, lay.levels, qk_scale, FINE=False, SHARED=True, MERGE=False, SWAP=False, FUSED=True,
             MAKE_DELTA=bwd, **shape, **common)
         return
@@ -172,20 +173,24 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, 
         bm = _shared_rows(lay.block)
         kpi = max(1, t["shared_kpi"] * 16 // lay.block)
         llsa_q_kernel[(triton.cdiv(n, bm), bh)](
-            q, k, v, pkv[0], pkv[1], sel, meta, o, do, plse if not bwd else lse, delta, part, part, plse, n,
+            q, k, v, pkv, pkv.stride(0), sel, meta, o, do, plse if not bwd else lse, delta, part, part, plse, n,
             lay.n_pool, lay.n_sel, lay.n_seg, lay.levels, qk_scale, BM=bm, FINE=False, SHARED=True,
             MERGE=False, SWAP=False, KPI=kpi, BT=_top_keys(lay, kpi * lay.block),
             num_warps=t["shared_warps"], num_stages=t["shared_stages"], **common)
     llsa_q_kernel[(lay.sizes[1], bh)](
-        q, k, v, pkv[0], pkv[1], sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
+        q, k, v, pkv, pkv.stride(0), sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
         lay.n_seg, lay.levels, qk_scale, BM=lay.block, BT=16, FINE=True, SHARED=False, MERGE=lay.shared, SWAP=True,
         KPI=max(1, t["fine_keys"] // lay.block), num_warps=t["fine_warps"],
         num_stages=t["fine_stages"], **common)
 
 
 def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, scale: float, out):
-    """Writes ``out``: o (BH, N, D), lse (BH, N) float32, pooled k/v (2, BH, n_pool, D), picks (BH, n_sel) int32."""
-    bh, n, d = q.shape
+    """Writes ``out``: o (..., N, D) like the contiguous q, k, v, lse (..., N) float32, pooled k/v
+    (2, BH, n_pool, D), picks (BH, n_sel) int32, where BH is the product of the leading dims.
+
+    Each tensor is passed whole (no views): on a slow host each view costs ~5 us, and a forward made 14."""
+    n, d = q.shape[-2:]
+    bh = q.numel() // (n * d)
     o, lse, pkv, sel = out
     poison(o, lse, pkv)
     t = tune(d)
@@ -200,8 +205,9 @@ def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, sc
 
 def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Tensor, reweight: bool,
                      scale: float, deterministic: bool, out):
-    """Writes ``out``: dq, dk, dv (BH, N, D)."""
-    bh, n, d = q.shape
+    """Writes ``out``: dq, dk, dv (..., N, D) like the contiguous inputs (passed whole, as in the forward)."""
+    n, d = q.shape[-2:]
+    bh = q.numel() // (n * d)
     dq, dk, dv = out
     poison(dq, dk, dv)
     prec = _prec(q.dtype)
@@ -268,10 +274,7 @@ def _attention_fwd_impl(q, k, v, block_size, topk, levels, enrich_levels, reweig
     lay, meta = _layout(q.shape[-2], block_size, topk, levels, enrich_levels, q.device)
     if out is None:
         out = _fwd_outputs(q, k, v, block_size, topk, levels, enrich_levels, reweight, scale)
-    o, lse, pkv, sel = out
-    n, d = q.shape[-2:]
-    forward_kernels(_flat(q), _flat(k), _flat(v), lay, meta, reweight, scale,
-                    (o.view(-1, n, d), lse.view(-1, n), pkv, sel))
+    forward_kernels(_contiguous(q), _contiguous(k), _contiguous(v), lay, meta, reweight, scale, out)
     return out
 
 
@@ -298,9 +301,8 @@ def _attention_bwd_impl(do, q, k, v, o, lse, pkv, sel, block_size, topk, levels,
     lay, meta = _layout(q.shape[-2], block_size, topk, levels, enrich_levels, q.device)
     if out is None:
         out = _bwd_outputs(do, q, k, v)
-    n, d = q.shape[-2:]
-    backward_kernels(_flat(do), _flat(q), _flat(k), _flat(v), _flat(o), lse.reshape(-1, n), pkv, sel, lay, meta,
-                     reweight, scale, deterministic, tuple(g.view(-1, n, d) for g in out))
+    do, q, k, v, o, lse = (_contiguous(x) for x in (do, q, k, v, o, lse))
+    backward_kernels(do, q, k, v, o, lse, pkv, sel, lay, meta, reweight, scale, deterministic, out)
     return out
 
 
@@ -378,5 +380,5 @@ def llsa_attention_triton(q, k, v, *, block_size, topk, levels, enrich_levels, r
 def hierarchical_topk_triton(q, k, *, block_size, topk, levels):
     """The kernels' picks in ``hierarchical_topk``'s format (for tests and plots)."""
     lay = Layout(q.shape[-2], block_size, topk, levels, levels)
-    pooled = pool_qkv(_flat(q), _flat(k), _flat(k), lay)
+    pooled = pool_qkv(_contiguous(q), _contiguous(k), _contiguous(k), lay)
     return unpack_sel(select(pooled, lay), lay, q.shape[:2])

@@ -53,47 +53,52 @@ def _pool_one(X, Y, C, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, 
 
 
 @triton.jit
-def pool_kernel(XQ, XK, XV, YQ, YK, YV, CK, CV, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off,
+def pool_kernel(XQ, XK, XV, Y, C, x_plane, y_plane, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off,
                 n_out2, y2_off, B: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WEIGHTED: tl.constexpr,
                 TWO: tl.constexpr, CAST: tl.constexpr):
-    """Level l (and, with ``TWO``, level l+1) of q, k and v from level l-1's n_in rows; with ``CAST``, k and v
-    also into CK and CV (the attention kernels' copies, in the inputs' dtype)."""
+    """BT level-l means of q, k and v from BT*B rows of level l-1 (and, with ``TWO``, the level-(l+1) means
+    over them), for one (batch, head). Inputs are XQ, XK + x_plane, XV + 2*x_plane (three tensors, or the
+    planes of Y); outputs go to the planes of Y (float32, ``y_plane`` elements apart), and with ``CAST`` the
+    k and v means also into the two planes of C (the attention kernels' copies, in the inputs' dtype)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     o_d = tl.arange(0, D)
-    _pool_one(XQ, YQ, YQ, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
+    _pool_one(XQ, Y, Y, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
               y2_off, B, D, BT, WEIGHTED, TWO, False)
-    _pool_one(XK, YK, CK, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
-              y2_off, B, D, BT, WEIGHTED, TWO, CAST)
-    _pool_one(XV, YV, CV, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off, stride_y, y_off, n_out2,
-              y2_off, B, D, BT, WEIGHTED, TWO, CAST)
+    _pool_one(XK + x_plane, Y + y_plane, C, i_bh, i_t, o_d, n_in, n_out, n_total, span_in, stride_x, x_off,
+              stride_y, y_off, n_out2, y2_off, B, D, BT, WEIGHTED, TWO, CAST)
+    _pool_one(XV + 2 * x_plane, Y + 2 * y_plane, C + y_plane, i_bh, i_t, o_d, n_in, n_out, n_total, span_in,
+              stride_x, x_off, stride_y, y_off, n_out2, y2_off, B, D, BT, WEIGHTED, TWO, CAST)
 
 
 def pool_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, rows: int = 128, warps: int = 4,
              kv_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Pooled means of levels 1..L for (BH, N, D) contiguous q, k, v; each program reads ``rows`` input rows
-    (a power of two) of each.
+    """Pooled means of levels 1..L for contiguous q, k, v of shape (..., N, D), every leading dim a (batch,
+    head); each program reads ``rows`` input rows (a power of two) of each.
 
     Returns float32 ``(3, BH, n_pool, D)``: q, k, v stacked, levels stacked along rows as ``lay.pool_off``.
     ``kv_out`` (2, BH, n_pool, D), if given, receives the pooled k and v in its own dtype as well.
     """
-    bh, n, d = q.shape
+    n, d = q.shape[-2:]
+    bh = q.numel() // (n * d)
     out = torch.empty((3, bh, lay.n_pool, d), dtype=torch.float32, device=q.device)
     cast = kv_out is not None
     if cast and (kv_out.shape != (2, bh, lay.n_pool, d) or not kv_out.is_contiguous()):
         raise ValueError(f"kv_out must be a contiguous {(2, bh, lay.n_pool, d)} tensor; got {tuple(kv_out.shape)} "
                          f"with strides {kv_out.stride()}")
-    ck, cv = (kv_out[0], kv_out[1]) if cast else (out[1], out[2])
+    plane = bh * lay.n_pool * d
+    # without copies to make, C is never written
+    c = kv_out if cast else out
     bt = max(1, rows // lay.block)
-    src, stride_x, x_off = (q, k, v), n * d, 0
+    src, x_plane, stride_x, x_off = (q, k, v), 0, n * d, 0
     level = 1
     while level <= lay.levels:
         n_in, n_out = lay.sizes[level - 1], lay.sizes[level]
         two = level < lay.levels and bt % lay.block == 0
         top = level + 1 if two else level
         grid = (triton.cdiv(n_out, bt), bh)
-        pool_kernel[grid](*src, out[0], out[1], out[2], ck, cv, n_in, n_out, n, lay.spans[level - 1], stride_x,
-                          x_off, lay.n_pool * d, lay.pool_off[level], lay.sizes[top], lay.pool_off[top],
-                          B=lay.block, D=d, BT=bt, WEIGHTED=level > 1, TWO=two, CAST=cast, num_warps=warps)
-        src, stride_x, x_off = (out[0], out[1], out[2]), lay.n_pool * d, lay.pool_off[top]
+        pool_kernel[grid](*src, out, c, x_plane, plane, n_in, n_out, n, lay.spans[level - 1], stride_x, x_off,
+                          lay.n_pool * d, lay.pool_off[level], lay.sizes[top], lay.pool_off[top], B=lay.block, D=d,
+                          BT=bt, WEIGHTED=level > 1, TWO=two, CAST=cast, num_warps=warps)
+        src, x_plane, stride_x, x_off = (out, out, out), plane, lay.n_pool * d, lay.pool_off[top]
         level = top + 1
     return out

@@ -20,18 +20,19 @@ DENSE_MAX = 1024
 
 
 @triton.jit
-def select_kernel(PQ, PK, SEL, n_l, k_up, k_out, sel_off_l, sel_off_up, pool_off_l, stride_p, stride_s,
+def select_kernel(P, plane, SEL, n_l, k_up, k_out, sel_off_l, sel_off_up, pool_off_l, stride_p, stride_s,
                   B: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, KUP: tl.constexpr, KOUT: tl.constexpr,
                   DENSE: tl.constexpr, PREC: tl.constexpr):
     """One program per level-(l+1) parent: its B children (sibling query tokens) share the K*B candidates.
 
     ``DENSE`` (the coarsest level): the program takes B consecutive query tokens and every one of the
-    ``n_l <= KUP*B`` tokens is a candidate.
+    ``n_l <= KUP*B`` tokens is a candidate. P holds the pooled queries, and the pooled keys ``plane``
+    elements further.
     """
     i_up, i_bh = tl.program_id(0), tl.program_id(1)
     i_up = i_up.to(tl.int64)
-    p_pq = PQ + i_bh.to(tl.int64) * stride_p
-    p_pk = PK + i_bh.to(tl.int64) * stride_p
+    p_pq = P + i_bh.to(tl.int64) * stride_p
+    p_pk = P + plane + i_bh.to(tl.int64) * stride_p
     p_sel = SEL + i_bh.to(tl.int64) * stride_s
     o_s = tl.arange(0, B)
     o_q = i_up * B + o_s
@@ -77,7 +78,6 @@ def select(pooled: torch.Tensor, lay: Layout, out: torch.Tensor | None = None) -
     """Picks of every level from float32 pooled (3, BH, n_pool, D) as int32 (BH, n_sel), written to ``out``
     if given (every element is written)."""
     _, bh, _, d = pooled.shape
-    pq, pk = pooled[0], pooled[1]
     sel = torch.empty((bh, lay.n_sel), dtype=torch.int32, device=pooled.device) if out is None else out
     poison(sel)
     top = lay.levels
@@ -85,12 +85,12 @@ def select(pooled: torch.Tensor, lay: Layout, out: torch.Tensor | None = None) -
     if n_top <= DENSE_MAX:
         nt = max(lay.block, triton.next_power_of_2(n_top))
         select_kernel[(triton.cdiv(n_top, lay.block), bh)](
-            pq, pk, sel, n_top, 0, lay.widths[top], lay.sel_off[top], 0, off, lay.n_pool * d, lay.n_sel,
-            B=lay.block, D=d, DC=min(d, 32) if nt <= 256 else 16, KUP=nt // lay.block,
+            pooled, pooled.stride(0), sel, n_top, 0, lay.widths[top], lay.sel_off[top], 0, off, lay.n_pool * d,
+            lay.n_sel, B=lay.block, D=d, DC=min(d, 32) if nt <= 256 else 16, KUP=nt // lay.block,
             KOUT=triton.next_power_of_2(lay.widths[top]), DENSE=True,
             PREC=SELECT_PREC, num_warps=4 if nt <= 256 else 8)
     else:
-        q_top, k_top = pq[:, off:off + n_top], pk[:, off:off + n_top]
+        q_top, k_top = pooled[0, :, off:off + n_top], pooled[1, :, off:off + n_top]
         cand = torch.arange(n_top, device=pooled.device)
         picks = []
         for start in range(0, n_top, TOP_CHUNK):
@@ -101,8 +101,8 @@ def select(pooled: torch.Tensor, lay: Layout, out: torch.Tensor | None = None) -
     for level in range(top - 1, 0, -1):
         k_up = lay.widths[level + 1]
         grid = (lay.sizes[level + 1], bh)
-        select_kernel[grid](pq, pk, sel, lay.sizes[level], k_up, lay.widths[level], lay.sel_off[level],
-                            lay.sel_off[level + 1], lay.pool_off[level], lay.n_pool * d, lay.n_sel,
+        select_kernel[grid](pooled, pooled.stride(0), sel, lay.sizes[level], k_up, lay.widths[level],
+                            lay.sel_off[level], lay.sel_off[level + 1], lay.pool_off[level], lay.n_pool * d, lay.n_sel,
                             B=lay.block, D=d, DC=min(d, 32), KUP=triton.next_power_of_2(k_up),
                             KOUT=triton.next_power_of_2(lay.widths[level]), DENSE=False,
                             PREC=SELECT_PREC, num_warps=4)
