@@ -37,8 +37,8 @@ TUNE = dict(pool_rows=256, pool_warps=2, fwd_fused=True, fwd_rows=128, fwd_kpi=4
 # Overrides of TUNE above head dim 64, measured at D=128 (``tune_llsa --dim 128``): tiles of the same row
 # count hold twice the bytes there, so the fastest shapes have fewer rows (the fused pass at 128 rows spills)
 # or more warps.
-TUNE_WIDE = dict(pool_rows=256, pool_warps=8, fwd_rows=64, fwd_kpi=2, fwd_top_keys=32, dq_rows=64, shared_kpi=2,
-                 fine_keys=32, kv_rows=64, cand_rows=32)
+TUNE_WIDE = dict(pool_rows=256, pool_warps=8, fwd_rows=64, dq_rows=64, shared_kpi=2, fine_keys=32, kv_rows=64,
+                 cand_rows=32)
 
 
 # Below this many elements in one head's (N, D) slab the query-owned kernels address rows with int32 offsets
