@@ -207,12 +207,12 @@ def test_a_loop_on_the_same_buffers_replays_bound_graphs_bitwise_like_eager(monk
         return results, captures
 
     graphs.clear()
-    replayed, captures = run(5)
-    # the first captures allocate static buffers, which can move the next step's blocks once
+    replayed, captures = run(6)
+    # the first captures allocate static buffers, which can move the next steps' blocks once or twice
     assert made == ["_Copying", "_Copying", "_Bound", "_Bound"], made
-    assert captures[-1] == captures[-3] == 4, f"captures after each step: {captures}"
+    assert captures[-3:] == [4, 4, 4], f"captures after each step: {captures}"
     monkeypatch.setattr(graphs, "ENABLED", False)
-    eager, _ = run(5)
+    eager, _ = run(6)
     for step_a, step_b in zip(replayed, eager):
         for a, b in zip(step_a, step_b):
             assert torch.equal(a, b)
