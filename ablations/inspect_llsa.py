@@ -1,13 +1,15 @@
-"""Registers, spills, shared memory and matrix instructions of the LLSA kernels as compiled for an H100, on
-any machine (no GPU needed).
+"""Registers, spills, shared memory, matrix instructions and instructions per loop step of the LLSA kernels
+as compiled for an H100, on any machine (no GPU needed).
 
 ``python -m ablations.inspect_llsa --dim 64 128`` compiles the fused query-owned pass (forward and dq) and
-the fine dk/dv kernel with the launch shapes ``interface.tune(d)`` gives them, for sm_90a, and reads the
-register and spill counts from ``ptxas -v``. Device time is scarce: a tile shape that spills, or that fills
-an SM's shared memory, shows here before it is timed (at D=128 the v7 fused pass with 128-row tiles spilled
-~1 KB per thread forward and ~2.5 KB in dq under triton 3.8, and lost 20-25% on the GPU). The numbers are
-this machine's Triton's: on the H100 machine (triton 3.6) the fused forward gave 243 registers, as ncu
-measured, where triton 3.8 gives 255 and spills a little.
+the fine dk/dv kernel with the launch shapes ``interface.tune(d)`` gives them, for sm_90a, reads the
+register and spill counts from ``ptxas -v``, and counts the SASS instructions of one step of each innermost
+loop (per warp; in the fused passes: enriched candidates, coarsest level, fine segment). Device time is
+scarce: a tile shape that spills, or fills an SM's shared memory, shows here before it is timed, and so does
+work that should not be in a loop (v9 computed a software log2 per key in every shared step: ~30% of those
+steps' instructions, found here and removed in v10). The numbers are this machine's Triton's; to see what
+the H100 machine runs, install its version beside the project's and put it first
+(``pip install --target /tmp/t36 triton==3.6.0``, then ``PYTHONPATH=/tmp/t36:.``).
 """
 import argparse
 import os
@@ -29,7 +31,7 @@ H100 = GPUTarget("cuda", 90, 32)
 POINTERS = {"SEL": "*i32", "IDX": "*i32", "META": "*i64", "ROWPTR": "*i64", "LSE": "*fp32", "DELTA": "*fp32",
             "PART": "*fp32", "PLSE": "*fp32", "DPK": "*fp32", "DPV": "*fp32"}
 # integer arguments that a long sequence makes multiples of 16, which Triton specialises on at launch
-ALIGNED = {"N", "n_pool", "n_sel"}
+ALIGNED = {"N", "n_pool", "n_sel", "kv_plane"}
 
 
 def _signature(fn, constexprs: dict) -> tuple[dict, dict]:
@@ -51,9 +53,12 @@ def _signature(fn, constexprs: dict) -> tuple[dict, dict]:
     return sig, attrs
 
 
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
 def _ptxas() -> str:
-    return os.environ.get("TRITON_PTXAS_PATH") or os.path.join(os.path.dirname(triton.__file__), "backends",
-                                                               "nvidia", "bin", "ptxas")
+    return os.environ.get("TRITON_PTXAS_PATH") or _tool("ptxas")
 
 
 def inspect(fn, constexprs: dict, num_warps: int, num_stages: int) -> dict:
@@ -68,6 +73,8 @@ def inspect(fn, constexprs: dict, num_warps: int, num_stages: int) -> dict:
             f.write(ptx)
         log = subprocess.run([_ptxas(), f"-arch=sm_{H100.arch}a", "-v", path, "-o", path + ".cubin"],
                              capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([_tool("nvdisasm"), "-c", path + ".cubin"], capture_output=True, text=True,
+                              check=True).stdout
 
     def number(pattern):
         found = re.search(pattern, log)
@@ -76,7 +83,27 @@ def inspect(fn, constexprs: dict, num_warps: int, num_stages: int) -> dict:
     return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
                 spill_loads=number(r"(\d+) bytes spill loads"), shared=kernel.metadata.shared,
                 wgmma=ptx.count("wgmma.mma_async.sync"), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
-                serialized="C7515" in log)
+                serialized="C7515" in log, loops=inner_loops(sass))
+
+
+def inner_loops(sass: str) -> list[int]:
+    """SASS instructions per iteration of each innermost loop, in program order: what one step of a key
+    loop issues per warp (a loop is a backward branch; an outer loop's body holds inner ones)."""
+    ins, labels, loops = [], {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(ins)
+            continue
+        op = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if op:
+            ins.append(op.group(1))
+    for end, op in enumerate(ins):
+        target = re.search(r"BRA.*?(\.L_x_\d+)", op)
+        if target and labels.get(target.group(1), end) < end:
+            loops.append((labels[target.group(1)], end))
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return [b - a + 1 for a, b in inner]
 
 
 def kernels(d: int) -> list[tuple[str, object, dict, int, int]]:
@@ -101,14 +128,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{H100.arch}a, bf16, block 16")
     print("| kernel | D | warps | stages | registers | spill stores / loads (B) | shared (KB) | wgmma | mma.sync "
-          "| wgmma serialised |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| wgmma serialised | SASS per inner-loop step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for d in args.dim:
         for name, fn, const, warps, stages in kernels(d):
             r = inspect(fn, const, warps, stages)
             print(f"| {name} | {d} | {warps} | {stages} | {r['registers']} | {r['spill_stores']} / "
                   f"{r['spill_loads']} | {r['shared'] / 1024:.1f} | {r['wgmma']} | {r['mma_sync']} | "
-                  f"{'yes' if r['serialized'] else 'no'} |", flush=True)
+                  f"{'yes' if r['serialized'] else 'no'} | {', '.join(map(str, r['loops']))} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def test_levels_per_length():
 
 def test_offline_inspection_reads_ptxas_and_the_ptx():
     """The kernels compile for an H100 here, without one; the fine dk/dv kernel's products are wgmma and it
-    does not spill (ptxas counts its registers). Run in a fresh interpreter: the tests' TRITON_INTERPRET=1
+    does not spill (ptxas counts its registers); the disassembly shows the fused forward's three key loops. Run in a fresh interpreter: the tests' TRITON_INTERPRET=1
     replaces the kernels with interpreter wrappers, which do not compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "ablations.inspect_llsa", "--dim", "64"], env=env,
@@ -51,6 +51,9 @@ def test_offline_inspection_reads_ptxas_and_the_ptx():
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in out.stdout.splitlines() if line.startswith("| f")}
     assert set(rows) == {"fused forward (BM=128)", "fused dq (BM=128)", "fine dk/dv (BMQ=128)"}
-    d, warps, stages, registers, spills, shared, wgmma, mma_sync, _ = rows["fine dk/dv (BMQ=128)"]
+    d, warps, stages, registers, spills, shared, wgmma, mma_sync, _, _ = rows["fine dk/dv (BMQ=128)"]
     assert 0 < int(registers) <= 255 and spills == "0 / 0" and float(shared) > 0
     assert int(wgmma) > 0 and int(mma_sync) == 0
+    # the fused forward's three key loops at 65,536 tokens: enriched candidates, coarsest level, fine segment
+    steps = [int(x) for x in rows["fused forward (BM=128)"][-1].split(",")]
+    assert len(steps) == 3 and all(x > 100 for x in steps), steps
