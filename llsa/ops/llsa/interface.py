@@ -23,14 +23,13 @@ HEAD_DIMS = (16, 32, 64, 128)
 # Launch shapes, measured on an H100 (docs/benchmarks.md); ablations/tune_llsa.py sweeps them. pool_*: input
 # rows per pooling program, warps; fwd_* and dq_*: the fused query-owned pass of the forward and of dq (query
 # rows, shared key tile in 16-key blocks, fine keys per step, coarsest-level keys per step, warps, stages);
-# ``*_fused=False`` runs the split
-# passes instead, whose shapes are shared_* and fine_* (fine_keys: keys per tile of the fine segment); cand_*:
-# the enriched candidates' dk/dv (keys per tile, query rows per step, warps); kv_*: the fine keys' dk/dv;
-# top_*: the coarsest level's dk/dv (top_programs: how many programs to split the queries into chunks for;
-# their partials are then summed).
-TUNE = dict(pool_rows=256, pool_warps=2, fwd_fused=True, fwd_rows=128, fwd_kpi=4, fwd_keys=32, fwd_top_keys=64,
-            fwd_warps=4, fwd_stages=2, dq_fused=True, dq_rows=128, dq_kpi=2, dq_keys=32, dq_top_keys=32, dq_warps=4,
-            dq_stages=2,
+# ``*_fused=False`` runs the split passes instead, whose shapes are shared_* and fine_* (fine_keys: keys per
+# tile of the fine segment); cand_*: the enriched candidates' dk/dv (keys per tile, query rows per step,
+# warps); kv_*: the fine keys' dk/dv; top_*: the coarsest level's dk/dv (top_programs: how many programs to
+# split the queries into chunks for; their partials are then summed).
+TUNE = dict(pool_rows=256, pool_warps=2,
+            fwd_fused=True, fwd_rows=128, fwd_kpi=4, fwd_keys=32, fwd_top_keys=64, fwd_warps=4, fwd_stages=2,
+            dq_fused=True, dq_rows=128, dq_kpi=2, dq_keys=32, dq_top_keys=32, dq_warps=4, dq_stages=2,
             shared_kpi=4, shared_warps=4, shared_stages=2, fine_keys=64, fine_warps=4, fine_stages=2,
             cand_keys=64, cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4, kv_stages=2, top_keys=64,
             top_warps=4, top_programs=512)
