@@ -61,11 +61,12 @@ def _ptxas() -> str:
     return os.environ.get("TRITON_PTXAS_PATH") or _tool("ptxas")
 
 
-def inspect(fn, constexprs: dict, num_warps: int, num_stages: int) -> dict:
-    """Compile ``fn`` for an H100 and report what ptxas and the PTX say about it."""
+def inspect(fn, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None) -> dict:
+    """Compile ``fn`` for an H100 (at most ``maxnreg`` registers per thread, if given) and report what ptxas
+    and the PTX say about it."""
     sig, attrs = _signature(fn, constexprs)
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs), target=H100,
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+                            options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
     ptx = kernel.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
@@ -106,36 +107,43 @@ def inner_loops(sass: str) -> list[int]:
     return [b - a + 1 for a, b in inner]
 
 
-def kernels(d: int) -> list[tuple[str, object, dict, int, int]]:
-    """(name, kernel, constexprs, warps, stages) of the kernels inspected, as launched at head dim ``d``
-    with block 16 and 65,536 tokens in two levels (shared segments and the coarsest level), reweighting, bf16."""
+def kernels(d: int, even: bool = True) -> list[tuple[str, object, dict, dict]]:
+    """(name, kernel, constexprs, launch options) of the kernels inspected, as launched at head dim ``d``
+    with block 16 and 65,536 tokens in two levels (shared segments and the coarsest level), reweighting, bf16;
+    ``even=False`` compiles the query-owned pass's masked path, which N off the B^L grid takes."""
     t = itf.tune(d)
     out = []
     for pre, bwd in (("fwd_", False), ("dq_", True)):
-        shape = itf._fused_shape(Layout(65536, 16, 8, 2, 2), t, pre)
-        warps, stages = shape.pop("num_warps"), shape.pop("num_stages")
+        lay = Layout(65536, 16, 8, 2, 2)
+        shape = itf._fused_shape(lay, t, pre)
+        options = {key: shape.pop(key) for key in ("num_warps", "num_stages", "maxnreg")}
+        steps = itf._shared_steps(lay, shape["KPI"], shape["BT"]) + [(lay.widths[1], shape["FKPI"])]
         const = dict(B=16, D=d, FINE=False, SHARED=True, MERGE=False, TOP=True, REWEIGHT=True, BWD=bwd,
-                     SWAP=False, PREC="tf32", WIDE=False, FUSED=True, MAKE_DELTA=bwd, **shape)
-        out.append((f"fused {'dq' if bwd else 'forward'} (BM={shape['BM']})", llsa_q_kernel, const, warps, stages))
+                     SWAP=False, PREC="tf32", WIDE=False, FUSED=True, MAKE_DELTA=bwd,
+                     EVEN=even and itf._even(lay, d ** -0.5, shape["BM"], steps), **shape)
+        out.append((f"fused {'dq' if bwd else 'forward'} (BM={shape['BM']})", llsa_q_kernel, const, options))
     const = dict(B=16, D=d, BMQ=t["kv_rows"], POOLED=True, REWEIGHT=True, PREC="tf32")
-    out.append((f"fine dk/dv (BMQ={t['kv_rows']})", llsa_kv_kernel, const, t["kv_warps"], t["kv_stages"]))
+    out.append((f"fine dk/dv (BMQ={t['kv_rows']})", llsa_kv_kernel, const,
+                dict(num_warps=t["kv_warps"], num_stages=t["kv_stages"])))
     return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dim", type=int, nargs="+", default=[64, 128], choices=itf.HEAD_DIMS)
+    p.add_argument("--uneven", action="store_true",
+                   help="the query-owned pass's masked path (N not a multiple of B^L) instead of the even one")
     args = p.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{H100.arch}a, bf16, block 16")
     print("| kernel | D | warps | stages | registers | spill stores / loads (B) | shared (KB) | wgmma | mma.sync "
           "| wgmma serialised | SASS per inner-loop step |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for d in args.dim:
-        for name, fn, const, warps, stages in kernels(d):
-            r = inspect(fn, const, warps, stages)
-            print(f"| {name} | {d} | {warps} | {stages} | {r['registers']} | {r['spill_stores']} / "
-                  f"{r['spill_loads']} | {r['shared'] / 1024:.1f} | {r['wgmma']} | {r['mma_sync']} | "
-                  f"{'yes' if r['serialized'] else 'no'} | {', '.join(map(str, r['loops']))} |", flush=True)
+        for name, fn, const, options in kernels(d, even=not args.uneven):
+            r = inspect(fn, const, **options)
+            print(f"| {name} | {d} | {options['num_warps']} | {options['num_stages']} | {r['registers']} | "
+                  f"{r['spill_stores']} / {r['spill_loads']} | {r['shared'] / 1024:.1f} | {r['wgmma']} | "
+                  f"{r['mma_sync']} | {'yes' if r['serialized'] else 'no'} | {', '.join(map(str, r['loops']))} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,15 @@ from llsa.ops.llsa.select import select
 GROUPS = {
     "forward": {
         "pool": dict(pool_rows=[64, 128, 256], pool_warps=[2, 4, 8]),
+        "select": dict(select_warps=[1, 2, 4]),
         # the fused pass against the split passes (at D=128: --dim 128)
         "gate": dict(fwd_fused=[True, False]),
         "fused": dict(fwd_rows=[64, 128], fwd_keys=[16, 32], fwd_warps=[4, 8], fwd_stages=[2, 3]),
         "fused_kpi": dict(fwd_kpi=[1, 2, 4, 8]),
         "fused_top": dict(fwd_top_keys=[32, 64, 128]),
+        # three programs per SM instead of two: 168 registers, and tiles small enough to spill little there
+        # (ablations/inspect_llsa.py shows the spills of a shape without a GPU)
+        "fused_regs": dict(fwd_maxnreg=[None, 168], fwd_kpi=[2, 4], fwd_keys=[16, 32]),
     },
     "backward": {
         "gate": dict(dq_fused=[True, False]),
@@ -39,6 +43,7 @@ GROUPS = {
         "dq": dict(dq_rows=[64, 128], dq_keys=[16, 32], dq_warps=[4, 8], dq_stages=[2, 3]),
         "dq_kpi": dict(dq_kpi=[1, 2, 4, 8]),
         "dq_top": dict(dq_top_keys=[32, 64, 128]),
+        "dq_regs": dict(dq_maxnreg=[None, 168], dq_keys=[16, 32]),
         "top": dict(top_keys=[64, 128], top_warps=[4, 8]),
         "top_programs": dict(top_programs=[512, 1024, 2048, 4096]),
         "cand": dict(cand_keys=[64, 128], cand_rows=[32, 64, 128], cand_warps=[4, 8]),

@@ -278,6 +278,59 @@ def test_int64_row_offsets_match_reference(fused, device, monkeypatch):
     _check(*CASES[4], torch.float32, device)
 
 
+# N a multiple of B^L and pick counts that the loops' steps divide: the query-owned pass's unmasked EVEN path
+EVEN_CASES = [(4096, 16, 4, 2, 2, True), (4096, 16, 4, 2, 1, False), (16384, 16, 4, 3, 2, True)]
+
+
+def _even_launches(case, t) -> list[bool]:
+    """Whether each query-owned launch of ``case`` takes the EVEN path under launch shapes ``t``: fused forward
+    and dq, or the split passes' shared and fine launches."""
+    from llsa.ops.llsa import interface as itf
+
+    lay = Layout(*case[:5])
+    scale = 16 ** -0.5
+    if t["fwd_fused"]:
+        out = []
+        for pre in ("fwd_", "dq_"):
+            shape = itf._fused_shape(lay, t, pre)
+            steps = itf._shared_steps(lay, shape["KPI"], shape["BT"]) + [(lay.widths[1], shape["FKPI"])]
+            out.append(itf._even(lay, scale, shape["BM"], steps))
+        return out
+    kpi = t["shared_kpi"]
+    shared = itf._even(lay, scale, itf._shared_rows(16), itf._shared_steps(lay, kpi, itf._top_keys(lay, kpi * 16)))
+    return [shared, itf._even(lay, scale, 16, [(lay.widths[1], t["fine_keys"] // 16)])]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
+@pytest.mark.parametrize("case", EVEN_CASES, ids=["L2", "L2-E1-rw0", "L3-E2"])
+def test_even_tiles_match_reference(case, fused, device, monkeypatch):
+    """Where every loop's tiles are full, the kernels drop their masks and fold each tile's one weight into
+    the exp2's offset; that path must compute the same attention (the other tests' N are off the B^L grid)."""
+    from llsa.ops.llsa import interface
+
+    if not fused and case[3] == 3:
+        pytest.skip("the split passes' even path is covered at L=2; L=3 adds a minute under the interpreter")
+    monkeypatch.setattr(interface, "TUNE", {**interface.TUNE, "fwd_fused": fused, "dq_fused": fused})
+    assert all(_even_launches(case, interface.TUNE))
+    torch.manual_seed(case[0] + case[4])
+    shape = (1, 1) if case[0] > 4096 else (1, 2)
+    _check(*case, torch.float32, device, inputs=_inputs(case[0], 16, torch.float32, device, shape=shape))
+
+
+def test_even_path_needs_whole_tiles_and_a_positive_scale():
+    """The launcher's EVEN test: off the B^L grid, with a step that leaves a partial tile, or a scale <= 0
+    (whose largest logit is not the largest raw score's) the masked path runs."""
+    from llsa.ops.llsa import interface as itf
+
+    lay = Layout(4096, 16, 4, 2, 2)
+    assert itf._even(lay, 0.25, 128, [(4, 4), (16, 16)])
+    assert not itf._even(Layout(4000, 16, 4, 2, 2), 0.25, 128, [(4, 4)])
+    assert not itf._even(lay, 0.25, 128, [(4, 8)])
+    assert not itf._even(lay, 0.25, 96, [(4, 4)])
+    assert not itf._even(lay, -0.25, 128, [(4, 4)])
+    assert not itf._even(lay, 0.0, 128, [(4, 4)])
+
+
 def test_wide_head_dim_shapes_override_known_keys_only():
     """A misspelt key in TUNE_WIDE would be silently ignored by the launchers, which read TUNE's keys."""
     from llsa.ops.llsa import interface

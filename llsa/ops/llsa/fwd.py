@@ -7,6 +7,11 @@ up to 128 of them through those keys as dense tiles and then (``FUSED``) each of
 its own fine tokens as batched products; the split runs do the two parts in separate launches merged
 through the log-sum-exp. Weights enter as a log2 bias, so reweighting costs one add per score. ``META`` rows
 are ``Layout.meta``'s (6 int64 per level).
+
+``EVEN`` (set by the launcher) says that every tile of every loop is full and every token of a level covers
+its whole span, as when N is a multiple of B^L and the steps divide the pick counts: the key loops then load
+unmasked, and a tile's one weight joins each query's running max in the offset of its exp2, so a score costs
+one FFMA before it instead of a multiply, an add per key weight and a subtraction.
 """
 import triton
 import triton.language as tl
@@ -15,12 +20,15 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _cand_rows(p_row, k_up, i_it, n_l, o_n, B: tl.constexpr, KPI: tl.constexpr):
+def _cand_rows(p_row, k_up, i_it, n_l, o_n, B: tl.constexpr, KPI: tl.constexpr, EVEN: tl.constexpr):
     """Rows of tile ``i_it`` of a candidate segment: children of picks ``i_it*KPI ..`` of one ancestor, as
-    int32 indices into their level (callers widen them for addresses)."""
+    int32 indices into their level (callers widen them for addresses), and which of them exist."""
     o_slot = i_it * KPI + o_n // B
     m_slot = o_slot < k_up
-    b_u = tl.load(p_row + o_slot, mask=m_slot, other=0)
+    if EVEN:
+        b_u = tl.load(p_row + o_slot)
+    else:
+        b_u = tl.load(p_row + o_slot, mask=m_slot, other=0)
     o_row = b_u * B + o_n % B
     return o_row, m_slot & (o_row < n_l)
 
@@ -33,15 +41,22 @@ def _level_log2_weights(span, n_l, n):
 
 
 @triton.jit
-def _log2_weight(o_row, m_row, n_l, w_full, w_last, REWEIGHT: tl.constexpr):
-    """log2 of each key's weight (its token count when reweighting), -inf for keys that don't exist. The two
-    counts a level has come from ``_level_log2_weights`` outside the key loop: a log2 per key would cost
-    ~20 instructions each."""
-    if REWEIGHT:
-        b_w = tl.where(o_row == n_l - 1, w_last, w_full)
+def _log2_weight(o_row, m_row, n_l, w_full, w_last, REWEIGHT: tl.constexpr, EVEN: tl.constexpr):
+    """log2 of each key's weight (its token count when reweighting), -inf for keys that don't exist; with
+    ``EVEN`` one scalar for the whole tile. The two counts a level has come from ``_level_log2_weights``
+    outside the key loop: a log2 per key would cost ~20 instructions each."""
+    if EVEN:
+        if REWEIGHT:
+            b_w = w_full
+        else:
+            b_w = 0.0
     else:
-        b_w = tl.zeros(o_row.shape, dtype=tl.float32)
-    return tl.where(m_row, b_w, float("-inf"))
+        if REWEIGHT:
+            b_w = tl.where(o_row == n_l - 1, w_last, w_full)
+        else:
+            b_w = tl.zeros(o_row.shape, dtype=tl.float32)
+        b_w = tl.where(m_row, b_w, float("-inf"))
+    return b_w
 
 
 @triton.jit
@@ -64,54 +79,105 @@ def _bq(x, SWAP: tl.constexpr):
 
 
 @triton.jit
+def _bk(x, SWAP: tl.constexpr):
+    """A per-key vector broadcast against a score tile: [BN] -> [1, BN], or [BN, 1] when swapped."""
+    if SWAP:
+        return x[:, None]
+    else:
+        return x[None, :]
+
+
+@triton.jit
+def _query_max(x, SWAP: tl.constexpr):
+    """Each query's largest value in a score tile (over its keys: axis 1, or 0 when swapped)."""
+    if SWAP:
+        return tl.max(x, 0)
+    else:
+        return tl.max(x, 1)
+
+
+@triton.jit
+def _logits_max(b_s, b_bias, qk_scale, SWAP: tl.constexpr, EVEN: tl.constexpr):
+    """Each query's largest log2-logit in a tile of raw scores (``qk_scale`` > 0 with ``EVEN``, so the
+    largest raw score gives it)."""
+    if EVEN:
+        return _query_max(b_s, SWAP) * qk_scale + b_bias
+    else:
+        return _query_max(b_s * qk_scale + _bk(b_bias, SWAP), SWAP)
+
+
+@triton.jit
+def _exp2_logits(b_s, b_bias, b_off, qk_scale, SWAP: tl.constexpr, EVEN: tl.constexpr):
+    """exp2 of raw scores scaled to log2 units, plus each key's log2 weight and each query's ``b_off``
+    (minus its running max, or minus its log2-sum-exp). With ``EVEN`` the weight is the tile's one scalar
+    and joins the query's offset: one FFMA per score."""
+    if EVEN:
+        return tl.math.exp2(b_s * qk_scale + _bq(b_bias + b_off, SWAP))
+    else:
+        return tl.math.exp2(b_s * qk_scale + _bk(b_bias, SWAP) + _bq(b_off, SWAP))
+
+
+@triton.jit
 def _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_acc, b_m, b_l, qk_scale,
-            D: tl.constexpr, BWD: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr):
+            D: tl.constexpr, BWD: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
+            EVEN: tl.constexpr):
     """One key tile of the online softmax (or of dq). With ``SWAP`` the query tiles are transposed,
     [D, BM], so every product has the BN keys or the D channels as its row dimension: Hopper's wgmma
     needs 64 rows, which a 16-query block alone cannot give."""
     # [BN, D]
     p_kv = _row_offsets(o_row, D, WIDE)[:, None] + o_d[None, :]
-    b_k = tl.load(p_k + p_kv, mask=m_row[:, None], other=0.)
-    b_v = tl.load(p_v + p_kv, mask=m_row[:, None], other=0.)
+    if EVEN:
+        b_k = tl.load(p_k + p_kv)
+        b_v = tl.load(p_v + p_kv)
+    else:
+        b_k = tl.load(p_k + p_kv, mask=m_row[:, None], other=0.)
+        b_v = tl.load(p_v + p_kv, mask=m_row[:, None], other=0.)
     if SWAP:
         # [BN, BM]
-        b_s = tl.dot(b_k, b_q, input_precision=PREC) * qk_scale + b_bias[:, None]
-        if BWD:
-            b_p = tl.math.exp2(b_s - b_lse2[None, :])
+        b_s = tl.dot(b_k, b_q, input_precision=PREC)
+    else:
+        # [BM, BN]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    if BWD:
+        b_p = _exp2_logits(b_s, b_bias, -b_lse2, qk_scale, SWAP, EVEN)
+        if SWAP:
             b_dp = tl.dot(b_v, b_do, input_precision=PREC)
             b_ds = b_p * (b_dp - b_delta[None, :])
             # [D, BM]
             b_acc += tl.dot(tl.trans(b_k), b_ds.to(b_k.dtype), input_precision=PREC)
         else:
-            b_mn = tl.maximum(b_m, tl.max(b_s, 0))
-            b_p = tl.math.exp2(b_s - b_mn[None, :])
-            b_alpha = tl.math.exp2(b_m - b_mn)
-            b_l = b_l * b_alpha + tl.sum(b_p, 0)
-            b_acc = b_acc * b_alpha[None, :] + tl.dot(tl.trans(b_v), b_p.to(b_v.dtype), input_precision=PREC)
-            b_m = b_mn
-    else:
-        # [BM, BN]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale + b_bias[None, :]
-        if BWD:
-            b_p = tl.math.exp2(b_s - b_lse2[:, None])
             b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
             b_ds = b_p * (b_dp - b_delta[:, None])
             # [BM, D]
             b_acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    else:
+        b_mn = tl.maximum(b_m, _logits_max(b_s, b_bias, qk_scale, SWAP, EVEN))
+        b_p = _exp2_logits(b_s, b_bias, -b_mn, qk_scale, SWAP, EVEN)
+        b_alpha = tl.math.exp2(b_m - b_mn)
+        if SWAP:
+            b_l = b_l * b_alpha + tl.sum(b_p, 0)
+            b_acc = b_acc * b_alpha[None, :] + tl.dot(tl.trans(b_v), b_p.to(b_v.dtype), input_precision=PREC)
         else:
-            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-            b_p = tl.math.exp2(b_s - b_mn[:, None])
-            b_alpha = tl.math.exp2(b_m - b_mn)
             b_l = b_l * b_alpha + tl.sum(b_p, 1)
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-            b_m = b_mn
+        b_m = b_mn
     return b_acc, b_m, b_l
+
+
+@triton.jit
+def _fine_logits(x, qk_scale, EVEN: tl.constexpr):
+    """Log2-logits of the fine segment's scores, which ``EVEN`` leaves raw until here (so scaling joins the
+    exp2's offset in one FFMA); without it they arrive scaled and masked."""
+    if EVEN:
+        return x * qk_scale
+    else:
+        return x
 
 
 @triton.jit
 def _fused_fine(b_q, b_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k_up, n_blk, i_qb, o_m, N, qk_scale,
                 p_o, p_lse, B: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, KPI: tl.constexpr,
-                BWD: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr):
+                BWD: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr, EVEN: tl.constexpr):
     """The fine segment of a whole query tile after its shared part, then the tile's output: o and lse
     (continuing the shared part's online softmax), or dq (adding to the shared part's sum).
 
@@ -138,26 +204,36 @@ def _fused_fine(b_q, b_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k
     o_pick = (i_qb + o_g) * k_up
     for i_it in range(0, tl.cdiv(k_up, KPI)):
         o_slot = i_it * KPI + o_n // B
-        # [G, BN]
-        m_gn = m_g[:, None] & (o_slot < k_up)[None, :]
-        b_u = tl.load(p_pick + o_pick[:, None] + o_slot[None, :], mask=m_gn, other=0)
-        o_row = b_u * B + (o_n % B)[None, :]
-        m_row = m_gn & (o_row < N)
-        # [G, BN, D]
-        o_kv = _row_offsets(o_row, D, WIDE)[:, :, None] + o_d[None, None, :]
-        b_k = tl.load(p_k + o_kv, mask=m_row[:, :, None], other=0.)
-        b_v = tl.load(p_v + o_kv, mask=m_row[:, :, None], other=0.)
-        # [G, B, BN]
-        b_s = tl.dot(b_q3, tl.permute(b_k, (0, 2, 1)), input_precision=PREC) * qk_scale
-        b_s = tl.where(m_row[:, None, :], b_s, float("-inf"))
+        p_u = p_pick + o_pick[:, None] + o_slot[None, :]
+        if EVEN:
+            # [G, BN]
+            o_row = tl.load(p_u) * B + (o_n % B)[None, :]
+            # [G, BN, D]
+            o_kv = _row_offsets(o_row, D, WIDE)[:, :, None] + o_d[None, None, :]
+            b_k = tl.load(p_k + o_kv)
+            b_v = tl.load(p_v + o_kv)
+            # [G, B, BN]: raw scores; the scale joins the exp2's offset below
+            b_s = tl.dot(b_q3, tl.permute(b_k, (0, 2, 1)), input_precision=PREC)
+        else:
+            # [G, BN]
+            m_gn = m_g[:, None] & (o_slot < k_up)[None, :]
+            o_row = tl.load(p_u, mask=m_gn, other=0) * B + (o_n % B)[None, :]
+            m_row = m_gn & (o_row < N)
+            # [G, BN, D]
+            o_kv = _row_offsets(o_row, D, WIDE)[:, :, None] + o_d[None, None, :]
+            b_k = tl.load(p_k + o_kv, mask=m_row[:, :, None], other=0.)
+            b_v = tl.load(p_v + o_kv, mask=m_row[:, :, None], other=0.)
+            # [G, B, BN]: scaled here, so the -inf of missing keys survives any scale
+            b_s = tl.dot(b_q3, tl.permute(b_k, (0, 2, 1)), input_precision=PREC) * qk_scale
+            b_s = tl.where(m_row[:, None, :], b_s, float("-inf"))
         if BWD:
-            b_p = tl.math.exp2(b_s - b_lse3[:, :, None])
+            b_p = tl.math.exp2(_fine_logits(b_s, qk_scale, EVEN) - b_lse3[:, :, None])
             b_dp = tl.dot(b_do3, tl.permute(b_v, (0, 2, 1)), input_precision=PREC)
             b_ds = b_p * (b_dp - b_delta3[:, :, None])
             b_acc3 += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
         else:
-            b_mn = tl.maximum(b_m3, tl.max(b_s, 2))
-            b_p = tl.math.exp2(b_s - b_mn[:, :, None])
+            b_mn = tl.maximum(b_m3, _fine_logits(tl.max(b_s, 2), qk_scale, EVEN))
+            b_p = tl.math.exp2(_fine_logits(b_s, qk_scale, EVEN) - b_mn[:, :, None])
             b_alpha = tl.math.exp2(b_m3 - b_mn)
             b_l3 = b_l3 * b_alpha + tl.sum(b_p, 2)
             b_acc3 = b_acc3 * b_alpha[:, :, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
@@ -179,7 +255,7 @@ def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PAR
                   BT: tl.constexpr, FINE: tl.constexpr, SHARED: tl.constexpr, MERGE: tl.constexpr,
                   TOP: tl.constexpr, REWEIGHT: tl.constexpr, BWD: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr,
                   WIDE: tl.constexpr, FUSED: tl.constexpr = False, FKPI: tl.constexpr = 1,
-                  MAKE_DELTA: tl.constexpr = False):
+                  MAKE_DELTA: tl.constexpr = False, EVEN: tl.constexpr = False):
     """Forward (OUT = o, LSE written) or dq (OUT = dq; LSE and DELTA read) for BM queries. PKV holds the
     pooled keys, and the pooled values ``kv_plane`` elements further.
 
@@ -191,7 +267,7 @@ def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PAR
     writes the result.
     ``MAKE_DELTA`` (fused dq): delta = rowsum(o * do) is computed here from O and written to DELTA for the
     kernels after it, instead of read. ``WIDE``: row offsets within one head's keys in int64 (see
-    ``_row_offsets``).
+    ``_row_offsets``). ``EVEN``: every tile full and every token whole (module docstring).
     """
     BN: tl.constexpr = KPI * B
     PK = PKV
@@ -258,10 +334,10 @@ def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PAR
         p_row = p_sel + sel_up + (i_qb // span_l) * k_up
         w_full, w_last = _level_log2_weights(span_l, n_l, N)
         for i_it in range(0, tl.cdiv(k_up, KPI)):
-            o_row, m_row = _cand_rows(p_row, k_up, i_it, n_l, o_n, B, KPI)
-            b_bias = _log2_weight(o_row, m_row, n_l, w_full, w_last, REWEIGHT)
+            o_row, m_row = _cand_rows(p_row, k_up, i_it, n_l, o_n, B, KPI, EVEN)
+            b_bias = _log2_weight(o_row, m_row, n_l, w_full, w_last, REWEIGHT, EVEN)
             b_acc, b_m, b_l = _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_acc,
-                                      b_m, b_l, qk_scale, D, BWD, SWAP, PREC, WIDE)
+                                      b_m, b_l, qk_scale, D, BWD, SWAP, PREC, WIDE, EVEN)
     if SHARED and TOP:
         n_t = tl.load(META + levels * 6 + 0).to(tl.int32)
         off_t = tl.load(META + levels * 6 + 3)
@@ -273,14 +349,14 @@ def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PAR
         for i_it in range(0, tl.cdiv(n_t, BT)):
             o_row = i_it * BT + o_t
             m_row = o_row < n_t
-            b_bias = _log2_weight(o_row, m_row, n_t, w_full, w_last, REWEIGHT)
+            b_bias = _log2_weight(o_row, m_row, n_t, w_full, w_last, REWEIGHT, EVEN)
             b_acc, b_m, b_l = _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_acc,
-                                      b_m, b_l, qk_scale, D, BWD, SWAP, PREC, WIDE)
+                                      b_m, b_l, qk_scale, D, BWD, SWAP, PREC, WIDE, EVEN)
     if FUSED:
         # level 1's picks (META row 1) hold each query block's fine key blocks
         _fused_fine(b_q, b_do, b_lse2, b_delta, b_acc, b_m, b_l, K + i_bh * N * D, V + i_bh * N * D,
                     p_sel + tl.load(META + 6 + 2), tl.load(META + 6 + 1), tl.load(META + 6 + 0), i_qb, o_m, N,
-                    qk_scale, OUT + i_bh * N * D, LSE + i_bh * N, B, BM, D, FKPI, BWD, PREC, WIDE)
+                    qk_scale, OUT + i_bh * N * D, LSE + i_bh * N, B, BM, D, FKPI, BWD, PREC, WIDE, EVEN)
     else:
         if BWD:
             b_out = b_acc * (qk_scale * 0.6931471805599453)

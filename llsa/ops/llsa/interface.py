@@ -21,15 +21,19 @@ from llsa.ops.validate import kernel_device_support
 
 HEAD_DIMS = (16, 32, 64, 128)
 # Launch shapes, measured on an H100 (docs/benchmarks.md); ablations/tune_llsa.py sweeps them. pool_*: input
-# rows per pooling program, warps; fwd_* and dq_*: the fused query-owned pass of the forward and of dq (query
-# rows, shared key tile in 16-key blocks, fine keys per step, coarsest-level keys per step, warps, stages);
+# rows per pooling program, warps; select_warps: warps per selection program below the coarsest level;
+# fwd_* and dq_*: the fused query-owned pass of the forward and of dq (query rows, shared key tile in 16-key
+# blocks, fine keys per step, coarsest-level keys per step, warps, stages, and a register cap per thread, so
+# that more programs fit an SM, or None);
 # ``*_fused=False`` runs the split passes instead, whose shapes are shared_* and fine_* (fine_keys: keys per
 # tile of the fine segment); cand_*: the enriched candidates' dk/dv (keys per tile, query rows per step,
 # warps); kv_*: the fine keys' dk/dv; top_*: the coarsest level's dk/dv (top_programs: how many programs to
 # split the queries into chunks for; their partials are then summed).
-TUNE = dict(pool_rows=256, pool_warps=2,
+TUNE = dict(pool_rows=256, pool_warps=2, select_warps=4,
             fwd_fused=True, fwd_rows=128, fwd_kpi=4, fwd_keys=32, fwd_top_keys=64, fwd_warps=4, fwd_stages=2,
+            fwd_maxnreg=None,
             dq_fused=True, dq_rows=128, dq_kpi=2, dq_keys=32, dq_top_keys=32, dq_warps=4, dq_stages=2,
+            dq_maxnreg=None,
             shared_kpi=4, shared_warps=4, shared_stages=2, fine_keys=64, fine_warps=4, fine_stages=2,
             cand_keys=64, cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4, kv_stages=2, top_keys=64,
             top_warps=4, top_programs=512)
@@ -141,7 +145,23 @@ def _fused_shape(lay: Layout, t: dict, pre: str) -> dict:
     block = lay.block
     return dict(BM=max(block, min(t[pre + "rows"], _shared_rows(block))), KPI=max(1, t[pre + "kpi"] * 16 // block),
                 FKPI=max(1, t[pre + "keys"] // block), BT=_top_keys(lay, t[pre + "top_keys"]),
-                num_warps=t[pre + "warps"], num_stages=t[pre + "stages"])
+                num_warps=t[pre + "warps"], num_stages=t[pre + "stages"], maxnreg=t[pre + "maxnreg"])
+
+
+def _even(lay: Layout, qk_scale: float, rows: int, steps: list[tuple[int, int]]) -> bool:
+    """Whether a query-owned launch may take the kernel's ``EVEN`` path (unmasked key loops, one weight per
+    tile): N a multiple of B^L, so every token of every level covers its whole span and every candidate
+    exists, and of the ``rows`` queries per program; each loop's ``(count, step)`` dividing evenly; and a
+    positive scale, because that path takes a tile's largest logit from its largest raw score."""
+    return (qk_scale > 0 and lay.n % lay.spans[lay.levels] == 0 and lay.n % rows == 0
+            and all(count % step == 0 for count, step in steps))
+
+
+def _shared_steps(lay: Layout, kpi: int, bt: int) -> list[tuple[int, int]]:
+    """(count, step) of the shared loops: each enriched level's picks in ``kpi`` blocks, the coarsest level in
+    ``bt`` tokens."""
+    steps = [(lay.widths[lv + 1], kpi) for lv in range(1, lay.n_seg)]
+    return steps + [(lay.sizes[lay.levels], bt)] if lay.top else steps
 
 
 def _fused(lay: Layout, t: dict, pre: str) -> bool:
@@ -163,23 +183,26 @@ def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, 
     pre = "dq_" if bwd else "fwd_"
     if _fused(lay, t, pre):
         shape = _fused_shape(lay, t, pre)
+        steps = _shared_steps(lay, shape["KPI"], shape["BT"]) + [(lay.widths[1], shape["FKPI"])]
         llsa_q_kernel[(triton.cdiv(n, shape["BM"]), bh)](
             q, k, v, pkv, pkv.stride(0), sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
             lay.n_seg, lay.levels, qk_scale, FINE=False, SHARED=True, MERGE=False, SWAP=False, FUSED=True,
-            MAKE_DELTA=bwd, **shape, **common)
+            MAKE_DELTA=bwd, EVEN=_even(lay, qk_scale, shape["BM"], steps), **shape, **common)
         return
     if lay.shared:
         bm = _shared_rows(lay.block)
         kpi = max(1, t["shared_kpi"] * 16 // lay.block)
+        bt = _top_keys(lay, kpi * lay.block)
         llsa_q_kernel[(triton.cdiv(n, bm), bh)](
             q, k, v, pkv, pkv.stride(0), sel, meta, o, do, plse if not bwd else lse, delta, part, part, plse, n,
             lay.n_pool, lay.n_sel, lay.n_seg, lay.levels, qk_scale, BM=bm, FINE=False, SHARED=True,
-            MERGE=False, SWAP=False, KPI=kpi, BT=_top_keys(lay, kpi * lay.block),
+            MERGE=False, SWAP=False, KPI=kpi, BT=bt, EVEN=_even(lay, qk_scale, bm, _shared_steps(lay, kpi, bt)),
             num_warps=t["shared_warps"], num_stages=t["shared_stages"], **common)
+    kpi = max(1, t["fine_keys"] // lay.block)
     llsa_q_kernel[(lay.sizes[1], bh)](
         q, k, v, pkv, pkv.stride(0), sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
         lay.n_seg, lay.levels, qk_scale, BM=lay.block, BT=16, FINE=True, SHARED=False, MERGE=lay.shared, SWAP=True,
-        KPI=max(1, t["fine_keys"] // lay.block), num_warps=t["fine_warps"],
+        KPI=kpi, EVEN=_even(lay, qk_scale, lay.block, [(lay.widths[1], kpi)]), num_warps=t["fine_warps"],
         num_stages=t["fine_stages"], **common)
 
 
@@ -194,7 +217,7 @@ def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, sc
     poison(o, lse, pkv)
     t = tune(d)
     pooled = pool_qkv(q, k, v, lay, t["pool_rows"], t["pool_warps"], kv_out=pkv)
-    select(pooled, lay, out=sel)
+    select(pooled, lay, out=sel, warps=t["select_warps"])
     part = plse = None
     if not _fused(lay, t, "fwd_"):
         part = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
