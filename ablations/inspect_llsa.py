@@ -143,7 +143,8 @@ def main(argv=None):
             r = inspect(fn, const, **options)
             print(f"| {name} | {d} | {options['num_warps']} | {options['num_stages']} | {r['registers']} | "
                   f"{r['spill_stores']} / {r['spill_loads']} | {r['shared'] / 1024:.1f} | {r['wgmma']} | "
-                  f"{r['mma_sync']} | {'yes' if r['serialized'] else 'no'} | {', '.join(map(str, r['loops']))} |", flush=True)
+                  f"{r['mma_sync']} | {'yes' if r['serialized'] else 'no'} | {', '.join(map(str, r['loops']))} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
