@@ -175,7 +175,7 @@ def _fine_logits(x, qk_scale, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _fused_fine(b_q, b_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k_up, n_blk, i_qb, o_m, N, qk_scale,
+def _fused_fine(p_q, p_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k_up, n_blk, i_qb, o_m, N, qk_scale,
                 p_o, p_lse, B: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, KPI: tl.constexpr,
                 BWD: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr, EVEN: tl.constexpr):
     """The fine segment of a whole query tile after its shared part, then the tile's output: o and lse
@@ -190,11 +190,17 @@ def _fused_fine(b_q, b_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k
     o_n = tl.arange(0, BN)
     o_d = tl.arange(0, D)
     m_g = (i_qb + o_g) < n_blk
-    # [G, B, D], [G, B]: the tile's rows grouped by query block
-    b_q3 = tl.reshape(b_q, [G, B, D])
+    # [G, B]: the tile's rows grouped by query block
+    o_m3 = tl.reshape(o_m, [G, B])
+    m_m3 = o_m3 < N
+    # [G, B, D]: q (and do) loaded again as 3-D tiles rather than reshaped from the shared part's 2-D ones,
+    # whose staging in shared memory then puts the query blocks, not their rows, next to each other: every
+    # matrix load of 8 rows hit one bank (an 8-way conflict on half the pass's shared loads, ncu)
+    p_qd3 = o_m3[:, :, None] * D + o_d[None, None, :]
+    b_q3 = tl.load(p_q + p_qd3, mask=m_m3[:, :, None], other=0.)
     b_acc3 = tl.reshape(b_acc, [G, B, D])
     if BWD:
-        b_do3 = tl.reshape(b_do, [G, B, D])
+        b_do3 = tl.load(p_do + p_qd3, mask=m_m3[:, :, None], other=0.)
         b_lse3 = tl.reshape(b_lse2, [G, B])
         b_delta3 = tl.reshape(b_delta, [G, B])
     else:
@@ -238,9 +244,6 @@ def _fused_fine(b_q, b_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k
             b_l3 = b_l3 * b_alpha + tl.sum(b_p, 2)
             b_acc3 = b_acc3 * b_alpha[:, :, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
             b_m3 = b_mn
-    # [G, B]
-    o_m3 = tl.reshape(o_m, [G, B])
-    m_m3 = o_m3 < N
     if BWD:
         b_o = b_acc3 * (qk_scale * 0.6931471805599453)
     else:
@@ -354,9 +357,10 @@ def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PAR
                                       b_m, b_l, qk_scale, D, BWD, SWAP, PREC, WIDE, EVEN)
     if FUSED:
         # level 1's picks (META row 1) hold each query block's fine key blocks
-        _fused_fine(b_q, b_do, b_lse2, b_delta, b_acc, b_m, b_l, K + i_bh * N * D, V + i_bh * N * D,
-                    p_sel + tl.load(META + 6 + 2), tl.load(META + 6 + 1), tl.load(META + 6 + 0), i_qb, o_m, N,
-                    qk_scale, OUT + i_bh * N * D, LSE + i_bh * N, B, BM, D, FKPI, BWD, PREC, WIDE, EVEN)
+        _fused_fine(Q + i_bh * N * D, DO + i_bh * N * D, b_lse2, b_delta, b_acc, b_m, b_l, K + i_bh * N * D,
+                    V + i_bh * N * D, p_sel + tl.load(META + 6 + 2), tl.load(META + 6 + 1), tl.load(META + 6 + 0),
+                    i_qb, o_m, N, qk_scale, OUT + i_bh * N * D, LSE + i_bh * N, B, BM, D, FKPI, BWD, PREC, WIDE,
+                    EVEN)
     else:
         if BWD:
             b_out = b_acc * (qk_scale * 0.6931471805599453)
