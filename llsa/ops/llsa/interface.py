@@ -30,9 +30,9 @@ HEAD_DIMS = (16, 32, 64, 128)
 # warps); kv_*: the fine keys' dk/dv; top_*: the coarsest level's dk/dv (top_programs: how many programs to
 # split the queries into chunks for; their partials are then summed).
 TUNE = dict(pool_rows=256, pool_warps=2, select_warps=4,
-            fwd_fused=True, fwd_rows=128, fwd_kpi=4, fwd_keys=32, fwd_top_keys=64, fwd_warps=4, fwd_stages=2,
+            fwd_fused=True, fwd_rows=64, fwd_kpi=4, fwd_keys=16, fwd_top_keys=64, fwd_warps=4, fwd_stages=2,
             fwd_maxnreg=None,
-            dq_fused=True, dq_rows=128, dq_kpi=2, dq_keys=32, dq_top_keys=32, dq_warps=4, dq_stages=2,
+            dq_fused=True, dq_rows=64, dq_kpi=2, dq_keys=16, dq_top_keys=32, dq_warps=4, dq_stages=2,
             dq_maxnreg=None,
             shared_kpi=4, shared_warps=4, shared_stages=2, fine_keys=64, fine_warps=4, fine_stages=2,
             cand_keys=64, cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4, kv_stages=2, top_keys=64,
@@ -40,7 +40,7 @@ TUNE = dict(pool_rows=256, pool_warps=2, select_warps=4,
 # Overrides of TUNE above head dim 64, measured at D=128 (``tune_llsa --dim 128``): tiles of the same row
 # count hold twice the bytes there, so the fastest shapes have fewer rows (the fused pass at 128 rows spills)
 # or more warps.
-TUNE_WIDE = dict(pool_rows=256, pool_warps=8, fwd_rows=64, dq_rows=64, shared_kpi=2, fine_keys=32, kv_rows=64,
+TUNE_WIDE = dict(pool_rows=256, pool_warps=8, fwd_keys=32, dq_keys=32, shared_kpi=2, fine_keys=32, kv_rows=64,
                  cand_rows=32)
 
 
