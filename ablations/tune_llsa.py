@@ -24,7 +24,7 @@ from llsa.ops.llsa.select import select
 # Groups of TUNE keys swept together, and the values tried.
 GROUPS = {
     "forward": {
-        "pool": dict(pool_rows=[64, 128, 256], pool_warps=[2, 4, 8]),
+        "pool": dict(pool_rows=[64, 128, 256, 512], pool_warps=[2, 4, 8]),
         "select": dict(select_warps=[1, 2, 4]),
         # the fused pass against the split passes (at D=128: --dim 128)
         "gate": dict(fwd_fused=[True, False]),

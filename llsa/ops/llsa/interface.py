@@ -38,10 +38,9 @@ TUNE = dict(pool_rows=256, pool_warps=2, select_warps=4,
             cand_keys=64, cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4, kv_stages=2, top_keys=64,
             top_warps=4, top_programs=512)
 # Overrides of TUNE above head dim 64, measured at D=128 (``tune_llsa --dim 128``): tiles of the same row
-# count hold twice the bytes there, so the fastest shapes have fewer rows (the fused pass at 128 rows spills)
-# or more warps.
-TUNE_WIDE = dict(pool_rows=256, pool_warps=8, fwd_keys=32, dq_keys=32, shared_kpi=2, fine_keys=32, kv_rows=64,
-                 cand_rows=32)
+# count hold twice the bytes there, so the fastest shapes differ (more pooling warps, fewer rows in the split
+# and dk/dv passes; the fused passes keep 32 fine keys per step, which at D=64 lost to 16).
+TUNE_WIDE = dict(pool_warps=4, fwd_keys=32, dq_keys=32, shared_kpi=2, fine_keys=32, kv_rows=64, cand_rows=32)
 
 
 # Below this many elements in one head's (N, D) slab the query-owned kernels address rows with int32 offsets
