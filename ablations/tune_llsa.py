@@ -34,6 +34,9 @@ GROUPS = {
         # three programs per SM instead of two: 168 registers, and tiles small enough to spill little there
         # (ablations/inspect_llsa.py shows the spills of a shape without a GPU)
         "fused_regs": dict(fwd_maxnreg=[None, 168], fwd_kpi=[2, 4], fwd_keys=[16, 32]),
+        # all three key tiles at once: smaller ones together free registers and shared memory for a third
+        # program per SM at D=128 (150 registers and 48 KB at 16 / 32 / 32 keys)
+        "fused_tiles": dict(fwd_keys=[16, 32], fwd_kpi=[2, 4], fwd_top_keys=[32, 64]),
     },
     "backward": {
         "gate": dict(dq_fused=[True, False]),
@@ -44,6 +47,7 @@ GROUPS = {
         "dq_kpi": dict(dq_kpi=[1, 2, 4, 8]),
         "dq_top": dict(dq_top_keys=[32, 64, 128]),
         "dq_regs": dict(dq_maxnreg=[None, 168], dq_keys=[16, 32]),
+        "dq_tiles": dict(dq_keys=[16, 32], dq_kpi=[2, 4], dq_top_keys=[32, 64]),
         "top": dict(top_keys=[64, 128], top_warps=[4, 8]),
         "top_programs": dict(top_programs=[512, 1024, 2048, 4096]),
         "cand": dict(cand_keys=[64, 128], cand_rows=[32, 64, 128], cand_warps=[4, 8]),
