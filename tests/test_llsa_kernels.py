@@ -279,7 +279,8 @@ def test_int64_row_offsets_match_reference(fused, device, monkeypatch):
 
 
 # N a multiple of B^L and pick counts that the loops' steps divide: the query-owned pass's unmasked EVEN path
-EVEN_CASES = [(4096, 16, 4, 2, 2, True), (4096, 16, 4, 2, 1, False), (16384, 16, 4, 3, 2, True)]
+EVEN_CASES = [(4096, 16, 4, 2, 2, True), (4096, 16, 4, 2, 1, False), (16384, 16, 4, 3, 2, True),
+              (1024, 16, 4, 1, 1, True), (1024, 16, 4, 1, 0, True)]
 
 
 def _even_launches(case, t) -> list[bool]:
@@ -289,31 +290,38 @@ def _even_launches(case, t) -> list[bool]:
 
     lay = Layout(*case[:5])
     scale = 16 ** -0.5
-    if t["fwd_fused"]:
+    if t["fwd_fused"] and lay.shared:
         out = []
         for pre in ("fwd_", "dq_"):
             shape = itf._fused_shape(lay, t, pre)
             steps = itf._shared_steps(lay, shape["KPI"], shape["BT"]) + [(lay.widths[1], shape["FKPI"])]
             out.append(itf._even(lay, scale, shape["BM"], steps))
         return out
-    kpi = t["shared_kpi"]
-    shared = itf._even(lay, scale, itf._shared_rows(16), itf._shared_steps(lay, kpi, itf._top_keys(lay, kpi * 16)))
-    return [shared, itf._even(lay, scale, 16, [(lay.widths[1], t["fine_keys"] // 16)])]
+    out = [itf._even(lay, scale, 16, [(lay.widths[1], t["fine_keys"] // 16)])]
+    if lay.shared:
+        kpi = t["shared_kpi"]
+        steps = itf._shared_steps(lay, kpi, itf._top_keys(lay, kpi * 16))
+        out.append(itf._even(lay, scale, itf._shared_rows(16), steps))
+    return out
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
-@pytest.mark.parametrize("case", EVEN_CASES, ids=["L2", "L2-E1-rw0", "L3-E2"])
+@pytest.mark.parametrize("case", EVEN_CASES, ids=["L2", "L2-E1-rw0", "L3-E2", "L1", "L1-E0"])
 def test_even_tiles_match_reference(case, fused, device, monkeypatch):
     """Where every loop's tiles are full, the kernels drop their masks and fold each tile's one weight into
-    the exp2's offset; that path must compute the same attention (the other tests' N are off the B^L grid)."""
+    the exp2's offset; that path must compute the same attention (the other tests' N are off the B^L grid).
+    L1: the coarsest level is the only shared segment; L1-E0: no shared segment, so only the split fine pass."""
     from llsa.ops.llsa import interface
 
     if not fused and case[3] == 3:
         pytest.skip("the split passes' even path is covered at L=2; L=3 adds a minute under the interpreter")
+    if fused and case[4] == 0:
+        pytest.skip("without shared segments the forward always runs the split fine pass (the split case)")
     monkeypatch.setattr(interface, "TUNE", {**interface.TUNE, "fwd_fused": fused, "dq_fused": fused})
     assert all(_even_launches(case, interface.TUNE))
     torch.manual_seed(case[0] + case[4])
-    shape = (1, 1) if case[0] > 4096 else (1, 2)
+    # one head at 4,096 tokens and more keeps the interpreter quick; the small cases run two
+    shape = (1, 1) if case[0] >= 4096 else (1, 2)
     _check(*case, torch.float32, device, inputs=_inputs(case[0], 16, torch.float32, device, shape=shape))
 
 
