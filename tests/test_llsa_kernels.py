@@ -283,28 +283,6 @@ EVEN_CASES = [(4096, 16, 4, 2, 2, True), (4096, 16, 4, 2, 1, False), (16384, 16,
               (1024, 16, 4, 1, 1, True), (1024, 16, 4, 1, 0, True)]
 
 
-def _even_launches(case, t) -> list[bool]:
-    """Whether each query-owned launch of ``case`` takes the EVEN path under launch shapes ``t``: fused forward
-    and dq, or the split passes' shared and fine launches."""
-    from llsa.ops.llsa import interface as itf
-
-    lay = Layout(*case[:5])
-    scale = 16 ** -0.5
-    if t["fwd_fused"] and lay.shared:
-        out = []
-        for pre in ("fwd_", "dq_"):
-            shape = itf._fused_shape(lay, t, pre)
-            steps = itf._shared_steps(lay, shape["KPI"], shape["BT"]) + [(lay.widths[1], shape["FKPI"])]
-            out.append(itf._even(lay, scale, shape["BM"], steps))
-        return out
-    out = [itf._even(lay, scale, 16, [(lay.widths[1], t["fine_keys"] // 16)])]
-    if lay.shared:
-        kpi = t["shared_kpi"]
-        steps = itf._shared_steps(lay, kpi, itf._top_keys(lay, kpi * 16))
-        out.append(itf._even(lay, scale, itf._shared_rows(16), steps))
-    return out
-
-
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
 @pytest.mark.parametrize("case", EVEN_CASES, ids=["L2", "L2-E1-rw0", "L3-E2", "L1", "L1-E0"])
 def test_even_tiles_match_reference(case, fused, device, monkeypatch):
@@ -318,11 +296,14 @@ def test_even_tiles_match_reference(case, fused, device, monkeypatch):
     if fused and case[4] == 0:
         pytest.skip("without shared segments the forward always runs the split fine pass (the split case)")
     monkeypatch.setattr(interface, "TUNE", {**interface.TUNE, "fwd_fused": fused, "dq_fused": fused})
-    assert all(_even_launches(case, interface.TUNE))
+    # what the launcher decides for each query-owned launch of the forward and the backward
+    decided, even = [], interface._even
+    monkeypatch.setattr(interface, "_even", lambda *args: decided.append(even(*args)) or decided[-1])
     torch.manual_seed(case[0] + case[4])
     # one head at 4,096 tokens and more keeps the interpreter quick; the small cases run two
     shape = (1, 1) if case[0] >= 4096 else (1, 2)
     _check(*case, torch.float32, device, inputs=_inputs(case[0], 16, torch.float32, device, shape=shape))
+    assert len(decided) >= 2 and all(decided), decided
 
 
 def test_even_path_needs_whole_tiles_and_a_positive_scale():
