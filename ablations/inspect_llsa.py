@@ -117,10 +117,9 @@ def kernels(d: int, even: bool = True) -> list[tuple[str, object, dict, dict]]:
         lay = Layout(65536, 16, 8, 2, 2)
         shape = itf._fused_shape(lay, t, pre)
         options = {key: shape.pop(key) for key in ("num_warps", "num_stages", "maxnreg")}
-        steps = itf._shared_steps(lay, shape["KPI"], shape["BT"]) + [(lay.widths[1], shape["FKPI"])]
         const = dict(B=16, D=d, FINE=False, SHARED=True, MERGE=False, TOP=True, REWEIGHT=True, BWD=bwd,
                      SWAP=False, PREC="tf32", WIDE=False, FUSED=True, MAKE_DELTA=bwd,
-                     EVEN=even and itf._even(lay, d ** -0.5, shape["BM"], steps), **shape)
+                     EVEN=even and itf._even(lay, d ** -0.5, shape["BM"], itf._fused_steps(lay, shape)), **shape)
         out.append((f"fused {'dq' if bwd else 'forward'} (BM={shape['BM']})", llsa_q_kernel, const, options))
     const = dict(B=16, D=d, BMQ=t["kv_rows"], POOLED=True, REWEIGHT=True, PREC="tf32")
     out.append((f"fine dk/dv (BMQ={t['kv_rows']})", llsa_kv_kernel, const,

@@ -67,14 +67,14 @@ def stage_times(ns, levels, heads=4, dim=64):
             return pool_qkv(q, k, v, lay, t["pool_rows"], t["pool_warps"], kv_out=pkv)
 
         pooled = pool()
-        sel = select(pooled, lay)
+        sel = select(pooled, lay, warps=t["select_warps"])
         o = torch.empty_like(q)
         lse = torch.empty(2 * heads, n, device="cuda")
         part = torch.empty(2 * heads, n, dim, device="cuda")
         plse = torch.empty_like(lse)
         t_pool = do_bench(pool, return_mode="median")
-        t_sel = do_bench(lambda: select(pooled, lay), return_mode="median")
-        t_q = do_bench(lambda: itf._launch_q(lay, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part, plse,
+        t_sel = do_bench(lambda: select(pooled, lay, warps=t["select_warps"]), return_mode="median")
+        t_q = do_bench(lambda: itf._launch_q(lay, t, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part, plse,
                                              dim ** -0.5 * itf.LOG2E, True, False), return_mode="median")
         print(f"N={n} L={levels}: pool {t_pool:.3f} ms, select {t_sel:.3f} ms, query-owned pass {t_q:.3f} ms")
 

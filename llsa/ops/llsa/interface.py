@@ -163,30 +163,34 @@ def _shared_steps(lay: Layout, kpi: int, bt: int) -> list[tuple[int, int]]:
     return steps + [(lay.sizes[lay.levels], bt)] if lay.top else steps
 
 
+def _fused_steps(lay: Layout, shape: dict) -> list[tuple[int, int]]:
+    """(count, step) of every loop of the fused pass with tile constexprs ``shape`` (``_fused_shape``'s): the
+    shared loops, then the fine segment's picks in ``FKPI`` blocks."""
+    return _shared_steps(lay, shape["KPI"], shape["BT"]) + [(lay.widths[1], shape["FKPI"])]
+
+
 def _fused(lay: Layout, t: dict, pre: str) -> bool:
     """Whether the forward (``pre="fwd_"``) or dq (``"dq_"``) runs the fused query-owned pass with the shapes
     ``t`` (it needs shared segments to fuse with)."""
     return lay.shared and t[pre + "fused"]
 
 
-def _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, qk_scale, reweight, bwd):
-    """The query-owned pass (forward, or dq with ``bwd``): one fused pass over query tiles (shared segments,
-    then each query block's fine segment; fused dq also makes delta), or with ``fwd_fused`` / ``dq_fused``
-    off or no shared segments, split: shared segments in 128-query tiles, then the fine segment of each
-    block, merged."""
+def _launch_q(lay, t, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, plse, qk_scale, reweight, bwd):
+    """The query-owned pass (forward, or dq with ``bwd``) with the caller's launch shapes ``t``: one fused pass
+    over query tiles (shared segments, then each query block's fine segment; fused dq also makes delta), or
+    with ``fwd_fused`` / ``dq_fused`` off or no shared segments, split: shared segments in 128-query tiles,
+    then the fine segment of each block, merged."""
     n, d = q.shape[-2:]
     bh = q.numel() // (n * d)
-    t = tune(d)
     common = dict(D=d, B=lay.block, TOP=lay.top, REWEIGHT=reweight, BWD=bwd, PREC=_prec(q.dtype),
                   WIDE=n * d >= INT32_SLAB)
     pre = "dq_" if bwd else "fwd_"
     if _fused(lay, t, pre):
         shape = _fused_shape(lay, t, pre)
-        steps = _shared_steps(lay, shape["KPI"], shape["BT"]) + [(lay.widths[1], shape["FKPI"])]
         llsa_q_kernel[(triton.cdiv(n, shape["BM"]), bh)](
             q, k, v, pkv, pkv.stride(0), sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
             lay.n_seg, lay.levels, qk_scale, FINE=False, SHARED=True, MERGE=False, SWAP=False, FUSED=True,
-            MAKE_DELTA=bwd, EVEN=_even(lay, qk_scale, shape["BM"], steps), **shape, **common)
+            MAKE_DELTA=bwd, EVEN=_even(lay, qk_scale, shape["BM"], _fused_steps(lay, shape)), **shape, **common)
         return
     if lay.shared:
         bm = _shared_rows(lay.block)
@@ -221,7 +225,7 @@ def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, sc
     if not _fused(lay, t, "fwd_"):
         part = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
         plse = torch.empty(bh, n, dtype=torch.float32, device=q.device)
-    _launch_q(lay, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part, plse, scale * LOG2E, reweight, bwd=False)
+    _launch_q(lay, t, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part, plse, scale * LOG2E, reweight, bwd=False)
 
 
 def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Tensor, reweight: bool,
@@ -242,7 +246,7 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
     else:
         delta_kernel[(triton.cdiv(bh * n, 64),)](o, do, delta, bh * n, D=d, BR=64)
         dq_shared = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
-    _launch_q(lay, meta, q, k, v, pkv, sel, o, do, lse, delta, dq, dq_shared, lse, qk_scale, reweight, bwd=True)
+    _launch_q(lay, t, meta, q, k, v, pkv, sel, o, do, lse, delta, dq, dq_shared, lse, qk_scale, reweight, bwd=True)
     dpk = torch.zeros(bh, lay.n_pool, d, dtype=torch.float32, device=q.device)
     dpv = torch.zeros_like(dpk)
     if lay.n_seg > 1:
