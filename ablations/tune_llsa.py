@@ -25,7 +25,9 @@ from llsa.ops.llsa.select import select
 GROUPS = {
     "forward": {
         "pool": dict(pool_rows=[64, 128, 256, 512], pool_warps=[2, 4, 8]),
-        "select": dict(select_warps=[1, 2, 4]),
+        "select": dict(select_warps=[2, 4, 8], select_chunk=[16, 32]),
+        # each loop's picks loaded before it, or one load per step
+        "hoist": dict(hoist_picks=[0, 32]),
         # the fused pass against the split passes (at D=128: --dim 128)
         "gate": dict(fwd_fused=[True, False]),
         "fused": dict(fwd_rows=[64, 128], fwd_keys=[16, 32], fwd_warps=[4, 8], fwd_stages=[2, 3]),
@@ -67,13 +69,14 @@ def stage_times(ns, levels, heads=4, dim=64):
             return pool_qkv(q, k, v, lay, t["pool_rows"], t["pool_warps"], kv_out=pkv)
 
         pooled = pool()
-        sel = select(pooled, lay, warps=t["select_warps"])
+        sel = select(pooled, lay, warps=t["select_warps"], chunk=t["select_chunk"])
         o = torch.empty_like(q)
         lse = torch.empty(2 * heads, n, device="cuda")
         part = torch.empty(2 * heads, n, dim, device="cuda")
         plse = torch.empty_like(lse)
         t_pool = do_bench(pool, return_mode="median")
-        t_sel = do_bench(lambda: select(pooled, lay, warps=t["select_warps"]), return_mode="median")
+        t_sel = do_bench(lambda: select(pooled, lay, warps=t["select_warps"], chunk=t["select_chunk"]),
+                         return_mode="median")
         t_q = do_bench(lambda: itf._launch_q(lay, t, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part, plse,
                                              dim ** -0.5 * itf.LOG2E, True, False), return_mode="median")
         print(f"N={n} L={levels}: pool {t_pool:.3f} ms, select {t_sel:.3f} ms, query-owned pass {t_q:.3f} ms")

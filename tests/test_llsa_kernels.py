@@ -320,6 +320,33 @@ def test_even_path_needs_whole_tiles_and_a_positive_scale():
     assert not itf._even(lay, 0.0, 128, [(4, 4)])
 
 
+@pytest.mark.parametrize("case", [EVEN_CASES[0], CASES[4]], ids=["even-L2", "N700-L3"])
+def test_picks_loaded_per_step_match_reference(case, device, monkeypatch):
+    """Pick lists longer than ``hoist_picks`` are read one step at a time instead of loaded before their loop;
+    that path (even and masked) must compute the same attention."""
+    from llsa.ops.llsa import interface
+
+    monkeypatch.setattr(interface, "TUNE", {**interface.TUNE, "hoist_picks": 0})
+    widths, pick_width = [], interface._pick_width
+    monkeypatch.setattr(interface, "_pick_width", lambda *args: widths.append(pick_width(*args)) or widths[-1])
+    torch.manual_seed(case[0] + 3)
+    shape = (1, 1) if case[0] >= 4096 else (1, 2)
+    _check(*case, torch.float32, device, inputs=_inputs(case[0], 16, torch.float32, device, shape=shape))
+    assert widths and not any(widths), widths
+
+
+def test_pick_width_covers_the_widest_list_up_to_the_cap():
+    from llsa.ops.llsa import interface as itf
+
+    t = {**itf.TUNE, "hoist_picks": 32}
+    assert itf._pick_width(Layout(4096, 16, 4, 2, 2), t) == 4
+    assert itf._pick_width(Layout(65536, 16, 5, 2, 2), t) == 8
+    assert itf._pick_width(Layout(65536, 16, 32, 2, 2), t) == 32
+    assert itf._pick_width(Layout(65536, 16, 33, 2, 2), t) == 0
+    # a level with fewer tokens than topk picks all of them: its list is that long
+    assert itf._pick_width(Layout(40, 16, 8, 2, 2), t) == 4
+
+
 def test_wide_head_dim_shapes_override_known_keys_only():
     """A misspelt key in TUNE_WIDE would be silently ignored by the launchers, which read TUNE's keys."""
     from llsa.ops.llsa import interface

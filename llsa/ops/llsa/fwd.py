@@ -20,12 +20,19 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _cand_rows(p_row, k_up, i_it, n_l, o_n, B: tl.constexpr, KPI: tl.constexpr, EVEN: tl.constexpr):
+def _cand_rows(p_row, b_pick, k_up, i_it, n_l, o_n, B: tl.constexpr, KPI: tl.constexpr, KW: tl.constexpr,
+               EVEN: tl.constexpr):
     """Rows of tile ``i_it`` of a candidate segment: children of picks ``i_it*KPI ..`` of one ancestor, as
-    int32 indices into their level (callers widen them for addresses), and which of them exist."""
+    int32 indices into their level (callers widen them for addresses), and which of them exist.
+
+    With ``KW`` the picks come from ``b_pick``, all of the list loaded before the loop: a load here would put
+    a round trip to memory in front of the step's key loads, which the pipeliner then cannot issue early.
+    A register tensor cannot be indexed, so a step takes its picks with a compare and a sum over the KW."""
     o_slot = i_it * KPI + o_n // B
     m_slot = o_slot < k_up
-    if EVEN:
+    if KW > 0:
+        b_u = tl.sum(tl.where(tl.arange(0, KW)[None, :] == o_slot[:, None], b_pick[None, :], 0), 1)
+    elif EVEN:
         b_u = tl.load(p_row + o_slot)
     else:
         b_u = tl.load(p_row + o_slot, mask=m_slot, other=0)
@@ -177,7 +184,7 @@ def _fine_logits(x, qk_scale, EVEN: tl.constexpr):
 @triton.jit
 def _fused_fine(p_q, p_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k_up, n_blk, i_qb, o_m, N, qk_scale,
                 p_o, p_lse, B: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, KPI: tl.constexpr,
-                BWD: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr, EVEN: tl.constexpr):
+                BWD: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr, EVEN: tl.constexpr, KW: tl.constexpr):
     """The fine segment of a whole query tile after its shared part, then the tile's output: o and lse
     (continuing the shared part's online softmax), or dq (adding to the shared part's sum).
 
@@ -208,12 +215,23 @@ def _fused_fine(p_q, p_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k
         b_l3 = tl.reshape(b_l, [G, B])
     # [G]: where each query block's picks start
     o_pick = (i_qb + o_g) * k_up
+    if KW > 0:
+        o_kw = tl.arange(0, KW)
+        # [G, KW]: all the tile's picks, loaded once (see _cand_rows)
+        b_pick = tl.load(p_pick + o_pick[:, None] + o_kw[None, :], mask=m_g[:, None] & (o_kw < k_up)[None, :],
+                         other=0)
     for i_it in range(0, tl.cdiv(k_up, KPI)):
         o_slot = i_it * KPI + o_n // B
-        p_u = p_pick + o_pick[:, None] + o_slot[None, :]
+        m_gn = m_g[:, None] & (o_slot < k_up)[None, :]
+        # [G, BN]: the pick each key row comes from
+        if KW > 0:
+            b_u = tl.sum(tl.where(o_kw[None, None, :] == o_slot[None, :, None], b_pick[:, None, :], 0), 2)
+        elif EVEN:
+            b_u = tl.load(p_pick + o_pick[:, None] + o_slot[None, :])
+        else:
+            b_u = tl.load(p_pick + o_pick[:, None] + o_slot[None, :], mask=m_gn, other=0)
+        o_row = b_u * B + (o_n % B)[None, :]
         if EVEN:
-            # [G, BN]
-            o_row = tl.load(p_u) * B + (o_n % B)[None, :]
             # [G, BN, D]
             o_kv = _row_offsets(o_row, D, WIDE)[:, :, None] + o_d[None, None, :]
             b_k = tl.load(p_k + o_kv)
@@ -221,9 +239,6 @@ def _fused_fine(p_q, p_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k
             # [G, B, BN]: raw scores; the scale joins the exp2's offset below
             b_s = tl.dot(b_q3, tl.permute(b_k, (0, 2, 1)), input_precision=PREC)
         else:
-            # [G, BN]
-            m_gn = m_g[:, None] & (o_slot < k_up)[None, :]
-            o_row = tl.load(p_u, mask=m_gn, other=0) * B + (o_n % B)[None, :]
             m_row = m_gn & (o_row < N)
             # [G, BN, D]
             o_kv = _row_offsets(o_row, D, WIDE)[:, :, None] + o_d[None, None, :]
@@ -258,7 +273,7 @@ def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PAR
                   BT: tl.constexpr, FINE: tl.constexpr, SHARED: tl.constexpr, MERGE: tl.constexpr,
                   TOP: tl.constexpr, REWEIGHT: tl.constexpr, BWD: tl.constexpr, SWAP: tl.constexpr, PREC: tl.constexpr,
                   WIDE: tl.constexpr, FUSED: tl.constexpr = False, FKPI: tl.constexpr = 1,
-                  MAKE_DELTA: tl.constexpr = False, EVEN: tl.constexpr = False):
+                  MAKE_DELTA: tl.constexpr = False, EVEN: tl.constexpr = False, KW: tl.constexpr = 0):
     """Forward (OUT = o, LSE written) or dq (OUT = dq; LSE and DELTA read) for BM queries. PKV holds the
     pooled keys, and the pooled values ``kv_plane`` elements further.
 
@@ -336,8 +351,14 @@ def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PAR
         # the level-(lv+1) ancestor of these queries owns the candidate list
         p_row = p_sel + sel_up + (i_qb // span_l) * k_up
         w_full, w_last = _level_log2_weights(span_l, n_l, N)
+        if KW > 0:
+            o_kw = tl.arange(0, KW)
+            # [KW]
+            b_pick = tl.load(p_row + o_kw, mask=o_kw < k_up, other=0)
+        else:
+            b_pick = None
         for i_it in range(0, tl.cdiv(k_up, KPI)):
-            o_row, m_row = _cand_rows(p_row, k_up, i_it, n_l, o_n, B, KPI, EVEN)
+            o_row, m_row = _cand_rows(p_row, b_pick, k_up, i_it, n_l, o_n, B, KPI, KW, EVEN)
             b_bias = _log2_weight(o_row, m_row, n_l, w_full, w_last, REWEIGHT, EVEN)
             b_acc, b_m, b_l = _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_acc,
                                       b_m, b_l, qk_scale, D, BWD, SWAP, PREC, WIDE, EVEN)
@@ -360,7 +381,7 @@ def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PAR
         _fused_fine(Q + i_bh * N * D, DO + i_bh * N * D, b_lse2, b_delta, b_acc, b_m, b_l, K + i_bh * N * D,
                     V + i_bh * N * D, p_sel + tl.load(META + 6 + 2), tl.load(META + 6 + 1), tl.load(META + 6 + 0),
                     i_qb, o_m, N, qk_scale, OUT + i_bh * N * D, LSE + i_bh * N, B, BM, D, FKPI, BWD, PREC, WIDE,
-                    EVEN)
+                    EVEN, KW)
     else:
         if BWD:
             b_out = b_acc * (qk_scale * 0.6931471805599453)

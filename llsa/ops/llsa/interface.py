@@ -21,26 +21,27 @@ from llsa.ops.validate import kernel_device_support
 
 HEAD_DIMS = (16, 32, 64, 128)
 # Launch shapes, measured on an H100 (docs/benchmarks.md); ablations/tune_llsa.py sweeps them. pool_*: input
-# rows per pooling program, warps; select_warps: warps per selection program below the coarsest level;
-# fwd_* and dq_*: the fused query-owned pass of the forward and of dq (query rows, shared key tile in 16-key
-# blocks, fine keys per step, coarsest-level keys per step, warps, stages, and a register cap per thread, so
-# that more programs fit an SM, or None);
+# rows per pooling program, warps; select_*: warps per selection program below the coarsest level, channels
+# per scoring product; fwd_* and dq_*: the fused query-owned pass of the forward and of dq (query rows, shared
+# key tile in 16-key blocks, fine keys per step, coarsest-level keys per step, warps, stages, and a register
+# cap per thread, so that more programs fit an SM, or None); hoist_picks: pick lists up to this long are
+# loaded whole before the query-owned loops over them (``_pick_width``);
 # ``*_fused=False`` runs the split passes instead, whose shapes are shared_* and fine_* (fine_keys: keys per
 # tile of the fine segment); cand_*: the enriched candidates' dk/dv (keys per tile, query rows per step,
 # warps); kv_*: the fine keys' dk/dv; top_*: the coarsest level's dk/dv (top_programs: how many programs to
 # split the queries into chunks for; their partials are then summed).
-TUNE = dict(pool_rows=256, pool_warps=2, select_warps=4,
-            fwd_fused=True, fwd_rows=64, fwd_kpi=4, fwd_keys=16, fwd_top_keys=64, fwd_warps=4, fwd_stages=2,
+TUNE = dict(pool_rows=256, pool_warps=2, select_warps=4, select_chunk=32,
+            fwd_fused=True, fwd_rows=64, fwd_kpi=4, fwd_keys=16, fwd_top_keys=64, fwd_warps=4, fwd_stages=3,
             fwd_maxnreg=None,
-            dq_fused=True, dq_rows=64, dq_kpi=2, dq_keys=16, dq_top_keys=32, dq_warps=4, dq_stages=2,
-            dq_maxnreg=None,
+            dq_fused=True, dq_rows=64, dq_kpi=2, dq_keys=16, dq_top_keys=32, dq_warps=4, dq_stages=3,
+            dq_maxnreg=None, hoist_picks=32,
             shared_kpi=4, shared_warps=4, shared_stages=2, fine_keys=64, fine_warps=4, fine_stages=2,
             cand_keys=64, cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4, kv_stages=2, top_keys=64,
             top_warps=4, top_programs=512)
 # Overrides of TUNE above head dim 64, measured at D=128 (``tune_llsa --dim 128``): tiles of the same row
-# count hold twice the bytes there, so the fastest shapes differ (more pooling warps, fewer rows in the split
-# and dk/dv passes; the fused passes keep 32 fine keys per step, which at D=64 lost to 16).
-TUNE_WIDE = dict(pool_warps=4, fwd_keys=32, dq_keys=32, shared_kpi=2, fine_keys=32, kv_rows=64, cand_rows=32)
+# count hold twice the bytes there, so the fastest shapes differ (more pooling warps, narrower selection
+# products, 32-key shared steps in the fused forward, fewer rows in the split and dk/dv passes).
+TUNE_WIDE = dict(pool_warps=4, select_chunk=16, fwd_kpi=2, shared_kpi=2, fine_keys=32, kv_rows=64, cand_rows=32)
 
 
 # Below this many elements in one head's (N, D) slab the query-owned kernels address rows with int32 offsets
@@ -144,7 +145,15 @@ def _fused_shape(lay: Layout, t: dict, pre: str) -> dict:
     block = lay.block
     return dict(BM=max(block, min(t[pre + "rows"], _shared_rows(block))), KPI=max(1, t[pre + "kpi"] * 16 // block),
                 FKPI=max(1, t[pre + "keys"] // block), BT=_top_keys(lay, t[pre + "top_keys"]),
+                KW=_pick_width(lay, t),
                 num_warps=t[pre + "warps"], num_stages=t[pre + "stages"], maxnreg=t[pre + "maxnreg"])
+
+
+def _pick_width(lay: Layout, t: dict) -> int:
+    """The query-owned kernel's ``KW``: each loop over picks loads them all before it starts (a power of two
+    >= the widest list) where the lists are at most ``hoist_picks`` long, else 0 (one load per step)."""
+    width = triton.next_power_of_2(max(lay.widths[1:]))
+    return width if width <= t["hoist_picks"] else 0
 
 
 def _even(lay: Layout, qk_scale: float, rows: int, steps: list[tuple[int, int]]) -> bool:
@@ -200,13 +209,13 @@ def _launch_q(lay, t, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, pls
             q, k, v, pkv, pkv.stride(0), sel, meta, o, do, plse if not bwd else lse, delta, part, part, plse, n,
             lay.n_pool, lay.n_sel, lay.n_seg, lay.levels, qk_scale, BM=bm, FINE=False, SHARED=True,
             MERGE=False, SWAP=False, KPI=kpi, BT=bt, EVEN=_even(lay, qk_scale, bm, _shared_steps(lay, kpi, bt)),
-            num_warps=t["shared_warps"], num_stages=t["shared_stages"], **common)
+            KW=_pick_width(lay, t), num_warps=t["shared_warps"], num_stages=t["shared_stages"], **common)
     kpi = max(1, t["fine_keys"] // lay.block)
     llsa_q_kernel[(lay.sizes[1], bh)](
         q, k, v, pkv, pkv.stride(0), sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
         lay.n_seg, lay.levels, qk_scale, BM=lay.block, BT=16, FINE=True, SHARED=False, MERGE=lay.shared, SWAP=True,
-        KPI=kpi, EVEN=_even(lay, qk_scale, lay.block, [(lay.widths[1], kpi)]), num_warps=t["fine_warps"],
-        num_stages=t["fine_stages"], **common)
+        KPI=kpi, EVEN=_even(lay, qk_scale, lay.block, [(lay.widths[1], kpi)]), KW=_pick_width(lay, t),
+        num_warps=t["fine_warps"], num_stages=t["fine_stages"], **common)
 
 
 def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, scale: float, out):
@@ -220,7 +229,7 @@ def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, sc
     poison(o, lse, pkv)
     t = tune(d)
     pooled = pool_qkv(q, k, v, lay, t["pool_rows"], t["pool_warps"], kv_out=pkv)
-    select(pooled, lay, out=sel, warps=t["select_warps"])
+    select(pooled, lay, out=sel, warps=t["select_warps"], chunk=t["select_chunk"])
     part = plse = None
     if not _fused(lay, t, "fwd_"):
         part = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
