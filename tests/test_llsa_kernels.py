@@ -7,11 +7,22 @@ import pytest
 import torch
 
 from llsa import llsa_attention
+from llsa.ops.llsa import graphs
 from llsa.ops.llsa.interface import hierarchical_topk_triton, llsa_attention_triton
 from llsa.ops.llsa.layout import Layout
 from llsa.ops.llsa.naive import hierarchical_topk, llsa_attention_torch, pool_levels
 from llsa.ops.llsa.pool import pool_qkv
 from llsa.ops.llsa.transpose import transpose_level
+
+@pytest.fixture(autouse=True)
+def _no_captured_graphs():
+    """On a GPU small calls replay CUDA graphs (graphs.py), keyed by shapes and arguments but not by the launch
+    shapes in TUNE: a graph an earlier test captured would replay its launches where a test sets others, and
+    a test that records the launcher's decisions would see none. Every test starts without graphs."""
+    graphs.clear()
+    yield
+    graphs.clear()
+
 
 # (N, block, topk, levels, enrich, reweight): N off the block grid, levels 1-3, every enrichment depth,
 # reweight off, and topk above the candidate count (40 tokens hold only 3 blocks).

@@ -18,6 +18,7 @@ Outputs are fresh allocations in both, so a caller may keep any result while lat
 cache keeps ``MAX_GRAPHS`` graphs, least recently used dropped first; once ``MAX_GRAPHS`` bound graphs
 have been dropped, the working set of address sets outgrows the cache (a model with more same-shape
 layers than that), and no more bound graphs are captured, so none is recaptured over and over.
+A graph keeps the launch shapes (``interface.TUNE``) it was captured with: after changing them, ``clear()``.
 A shape whose capture fails runs eagerly from then on, with one warning. ``LLSA_CUDA_GRAPHS=0`` turns
 graphs off; ``clear()`` frees the graphs and their memory: each keeps its temporaries (~3x q's size
 for a forward, ~6x for a backward), and a copying graph also its static inputs and outputs.
