@@ -82,7 +82,7 @@ def pool_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, row
     Returns float32 ``(3, BH, n_pool, D)``: q, k, v stacked, levels stacked along rows as ``lay.pool_off``.
     ``kv_out`` (2, BH, n_pool, D), if given, receives the pooled k and v in its own dtype as well; the float32
     v plane then holds only the levels a later launch pools from (selection reads q and k, the attention
-    kernels kv_out), which saves a sixth of the bytes pooling writes.
+    kernels kv_out), which saves a quarter of the bytes pooling writes.
     """
     n, d = q.shape[-2:]
     bh = q.numel() // (n * d)
