@@ -132,7 +132,7 @@ def llsa_cand_kv_kernel(Q, PK, PV, DO, LSE, DELTA, META, SEL, PART_K, PART_V, N,
     span_q = tl.load(META + (lv + 1) * 6 + 4)
     o_d = tl.arange(0, D)
     o_n = tl.arange(0, BN)
-    o_row, m_row = _cand_rows(SEL + i_bh * n_sel + sel_up + i_a * w_up, 0, w_up, i_it, n_l, o_n, B, KPI, 0, False)
+    o_row, m_row = _cand_rows(SEL + i_bh * n_sel + sel_up + i_a * w_up, None, w_up, i_it, n_l, o_n, B, KPI, 0, False)
     o_kr = i_bh * n_pool + off_l + o_row
     b_k, b_v, b_bias, b_dkt, b_dvt = _key_tile(PK, PV, o_kr, o_row, m_row, o_d, span_l, n_l, N, D, BN, REWEIGHT)
     first = i_a * span_q

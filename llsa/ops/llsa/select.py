@@ -74,11 +74,11 @@ def select_kernel(P, plane, SEL, n_l, k_up, k_out, sel_off_l, sel_off_up, pool_o
              mask=m_q[:, None] & (o_k < k_out)[None, :])
 
 
-def select(pooled: torch.Tensor, lay: Layout, out: torch.Tensor | None = None, warps: int = 4, chunk: int = 32,
-           stages: int = 3) -> torch.Tensor:
+def select(pooled: torch.Tensor, lay: Layout, out: torch.Tensor | None = None, warps: int = 4,
+           chunk: int = 32) -> torch.Tensor:
     """Picks of every level from float32 pooled (3, BH, n_pool, D) as int32 (BH, n_sel), written to ``out``
     if given (every element is written); below the coarsest level each program runs on ``warps`` warps and
-    scores ``chunk`` channels per product, ``stages`` deep."""
+    scores ``chunk`` channels per product."""
     _, bh, _, d = pooled.shape
     sel = torch.empty((bh, lay.n_sel), dtype=torch.int32, device=pooled.device) if out is None else out
     poison(sel)
@@ -107,7 +107,7 @@ def select(pooled: torch.Tensor, lay: Layout, out: torch.Tensor | None = None, w
                             lay.sel_off[level], lay.sel_off[level + 1], lay.pool_off[level], lay.n_pool * d, lay.n_sel,
                             B=lay.block, D=d, DC=min(d, chunk), KUP=triton.next_power_of_2(k_up),
                             KOUT=triton.next_power_of_2(lay.widths[level]), DENSE=False,
-                            PREC=SELECT_PREC, num_warps=warps, num_stages=stages)
+                            PREC=SELECT_PREC, num_warps=warps)
     return sel
 
 
