@@ -285,7 +285,8 @@ def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PAR
     writes the result.
     ``MAKE_DELTA`` (fused dq): delta = rowsum(o * do) is computed here from O and written to DELTA for the
     kernels after it, instead of read. ``WIDE``: row offsets within one head's keys in int64 (see
-    ``_row_offsets``). ``EVEN``: every tile full and every token whole (module docstring).
+    ``_row_offsets``). ``EVEN``: every tile full and every token whole (module docstring). ``KW`` > 0: each
+    pick list (at most KW long) is loaded whole before its loop (``_cand_rows``).
     """
     BN: tl.constexpr = KPI * B
     PK = PKV
