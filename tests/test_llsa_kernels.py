@@ -14,6 +14,7 @@ from llsa.ops.llsa.naive import hierarchical_topk, llsa_attention_torch, pool_le
 from llsa.ops.llsa.pool import pool_qkv
 from llsa.ops.llsa.transpose import transpose_level
 
+
 @pytest.fixture(autouse=True)
 def _no_captured_graphs():
     """On a GPU small calls replay CUDA graphs (graphs.py), keyed by shapes and arguments but not by the launch
@@ -65,6 +66,20 @@ def _check(n, block, topk, levels, enrich, reweight, dtype, device, d=16, inputs
     for name, g, rg in zip("qkv", grads, rgrads):
         assert not torch.isnan(g).any(), f"d{name} has unwritten (NaN) elements"
         torch.testing.assert_close(g.float(), rg, atol=tol * 5, rtol=tol * 5, msg=f"d{name} mismatch")
+
+
+def _check_on_the_grid(case, device):
+    """``_check`` in float32 for an EVEN_CASES-like case: one head at 4,096 tokens and more keeps the
+    interpreter quick, the small cases run two."""
+    shape = (1, 1) if case[0] >= 4096 else (1, 2)
+    _check(*case, torch.float32, device, inputs=_inputs(case[0], 16, torch.float32, device, shape=shape))
+
+
+def _record(monkeypatch, module, name) -> list:
+    """Replace ``module.name`` by a wrapper that appends each result to the returned list."""
+    seen, fn = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args: seen.append(fn(*args)) or seen[-1])
+    return seen
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}-B{}-K{}-L{}-E{}-rw{}".format(*c))
@@ -312,12 +327,9 @@ def test_even_tiles_match_reference(case, fused, device, monkeypatch):
         pytest.skip("without shared segments the forward always runs the split fine pass (the split case)")
     monkeypatch.setattr(interface, "TUNE", {**interface.TUNE, "fwd_fused": fused, "dq_fused": fused})
     # what the launcher decides for each query-owned launch of the forward and the backward
-    decided, even = [], interface._even
-    monkeypatch.setattr(interface, "_even", lambda *args: decided.append(even(*args)) or decided[-1])
+    decided = _record(monkeypatch, interface, "_even")
     torch.manual_seed(case[0] + case[4])
-    # one head at 4,096 tokens and more keeps the interpreter quick; the small cases run two
-    shape = (1, 1) if case[0] >= 4096 else (1, 2)
-    _check(*case, torch.float32, device, inputs=_inputs(case[0], 16, torch.float32, device, shape=shape))
+    _check_on_the_grid(case, device)
     assert len(decided) >= 2 and all(decided), decided
 
 
@@ -342,11 +354,9 @@ def test_picks_loaded_per_step_match_reference(case, device, monkeypatch):
     from llsa.ops.llsa import interface
 
     monkeypatch.setattr(interface, "TUNE", {**interface.TUNE, "hoist_picks": 0})
-    widths, pick_width = [], interface._pick_width
-    monkeypatch.setattr(interface, "_pick_width", lambda *args: widths.append(pick_width(*args)) or widths[-1])
+    widths = _record(monkeypatch, interface, "_pick_width")
     torch.manual_seed(case[0] + 3)
-    shape = (1, 1) if case[0] >= 4096 else (1, 2)
-    _check(*case, torch.float32, device, inputs=_inputs(case[0], 16, torch.float32, device, shape=shape))
+    _check_on_the_grid(case, device)
     assert widths and not any(widths), widths
 
 

@@ -201,6 +201,7 @@ def _launch_q(lay, t, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, pls
             lay.n_seg, lay.levels, qk_scale, FINE=False, SHARED=True, MERGE=False, SWAP=False, FUSED=True,
             MAKE_DELTA=bwd, EVEN=_even(lay, qk_scale, shape["BM"], _fused_steps(lay, shape)), **shape, **common)
         return
+    kw = _pick_width(lay, t)
     if lay.shared:
         bm = _shared_rows(lay.block)
         kpi = max(1, t["shared_kpi"] * 16 // lay.block)
@@ -209,12 +210,12 @@ def _launch_q(lay, t, meta, q, k, v, pkv, sel, o, do, lse, delta, out, part, pls
             q, k, v, pkv, pkv.stride(0), sel, meta, o, do, plse if not bwd else lse, delta, part, part, plse, n,
             lay.n_pool, lay.n_sel, lay.n_seg, lay.levels, qk_scale, BM=bm, FINE=False, SHARED=True,
             MERGE=False, SWAP=False, KPI=kpi, BT=bt, EVEN=_even(lay, qk_scale, bm, _shared_steps(lay, kpi, bt)),
-            KW=_pick_width(lay, t), num_warps=t["shared_warps"], num_stages=t["shared_stages"], **common)
+            KW=kw, num_warps=t["shared_warps"], num_stages=t["shared_stages"], **common)
     kpi = max(1, t["fine_keys"] // lay.block)
     llsa_q_kernel[(lay.sizes[1], bh)](
         q, k, v, pkv, pkv.stride(0), sel, meta, o, do, lse, delta, out, part, plse, n, lay.n_pool, lay.n_sel,
         lay.n_seg, lay.levels, qk_scale, BM=lay.block, BT=16, FINE=True, SHARED=False, MERGE=lay.shared, SWAP=True,
-        KPI=kpi, EVEN=_even(lay, qk_scale, lay.block, [(lay.widths[1], kpi)]), KW=_pick_width(lay, t),
+        KPI=kpi, EVEN=_even(lay, qk_scale, lay.block, [(lay.widths[1], kpi)]), KW=kw,
         num_warps=t["fine_warps"], num_stages=t["fine_stages"], **common)
 
 
