@@ -30,7 +30,7 @@ HEAD_DIMS = (16, 32, 64, 128)
 # tile of the fine segment); cand_*: the enriched candidates' dk/dv (keys per tile, query rows per step,
 # warps); kv_*: the fine keys' dk/dv; top_*: the coarsest level's dk/dv (top_programs: how many programs to
 # split the queries into chunks for; their partials are then summed).
-TUNE = dict(pool_rows=256, pool_warps=2, select_warps=4, select_chunk=32,
+TUNE = dict(pool_rows=256, pool_warps=2, select_warps=2, select_chunk=32,
             fwd_fused=True, fwd_rows=64, fwd_kpi=4, fwd_keys=16, fwd_top_keys=64, fwd_warps=4, fwd_stages=3,
             fwd_maxnreg=None,
             dq_fused=True, dq_rows=64, dq_kpi=2, dq_keys=16, dq_top_keys=32, dq_warps=4, dq_stages=3,
@@ -39,9 +39,10 @@ TUNE = dict(pool_rows=256, pool_warps=2, select_warps=4, select_chunk=32,
             cand_keys=64, cand_rows=64, cand_warps=4, kv_rows=128, kv_warps=4, kv_stages=2, top_keys=64,
             top_warps=4, top_programs=512)
 # Overrides of TUNE above head dim 64, measured at D=128 (``tune_llsa --dim 128``): tiles of the same row
-# count hold twice the bytes there, so the fastest shapes differ (more pooling warps, narrower selection
-# products, 32-key shared steps in the fused forward, fewer rows in the split and dk/dv passes).
-TUNE_WIDE = dict(pool_warps=4, select_chunk=16, fwd_kpi=2, shared_kpi=2, fine_keys=32, kv_rows=64, cand_rows=32)
+# count hold twice the bytes there, so the fastest shapes differ (more pooling warps, selection on more warps
+# with narrower products, 32-key shared steps in the fused forward, fewer rows in the split and dk/dv passes).
+TUNE_WIDE = dict(pool_warps=4, select_warps=4, select_chunk=16, fwd_kpi=2, shared_kpi=2, fine_keys=32, kv_rows=64,
+                 cand_rows=32)
 
 
 # Below this many elements in one head's (N, D) slab the query-owned kernels address rows with int32 offsets
@@ -413,7 +414,9 @@ def llsa_attention_triton(q, k, v, *, block_size, topk, levels, enrich_levels, r
 
 
 def hierarchical_topk_triton(q, k, *, block_size, topk, levels):
-    """The kernels' picks in ``hierarchical_topk``'s format (for tests and plots)."""
+    """The kernels' picks in ``hierarchical_topk``'s format (for tests and plots), from the forward's launch
+    shapes."""
     lay = Layout(q.shape[-2], block_size, topk, levels, levels)
-    pooled = pool_qkv(_contiguous(q), _contiguous(k), _contiguous(k), lay)
-    return unpack_sel(select(pooled, lay), lay, q.shape[:2])
+    t = tune(q.shape[-1])
+    pooled = pool_qkv(_contiguous(q), _contiguous(k), _contiguous(k), lay, t["pool_rows"], t["pool_warps"])
+    return unpack_sel(select(pooled, lay, warps=t["select_warps"], chunk=t["select_chunk"]), lay, q.shape[:2])
