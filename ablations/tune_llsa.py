@@ -1,7 +1,7 @@
 """Time the stages of the LLSA forward and sweep the kernels' launch shapes (``interface.TUNE``).
 
 ``python -m ablations.tune_llsa --n 65536 262144 --levels 2`` prints per-stage medians (pooling, selection,
-the query-owned pass). ``--sweep forward`` / ``--sweep backward`` tries every setting of one group of
+the query-owned pass) of CUDA-graph replays, which leave host time out. ``--sweep forward`` / ``--sweep backward`` tries every setting of one group of
 ``TUNE`` keys at a time (each group keeping the best of the groups before it), timing the whole forward
 or backward summed over the sizes; ``--write FILE`` saves the best ``TUNE`` as JSON. B=2, bf16, H=4 and D=64
 unless ``--heads`` / ``--dim`` say otherwise; above D=64 the sweep sets and writes ``interface.TUNE_WIDE``'s
@@ -13,7 +13,7 @@ import itertools
 import json
 
 import torch
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from llsa.ops.llsa import graphs
 from llsa.ops.llsa import interface as itf
@@ -74,11 +74,12 @@ def stage_times(ns, levels, heads=4, dim=64):
         lse = torch.empty(2 * heads, n, device="cuda")
         part = torch.empty(2 * heads, n, dim, device="cuda")
         plse = torch.empty_like(lse)
-        t_pool = do_bench(pool, return_mode="median")
-        t_sel = do_bench(lambda: select(pooled, lay, warps=t["select_warps"], chunk=t["select_chunk"]),
-                         return_mode="median")
-        t_q = do_bench(lambda: itf._launch_q(lay, t, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part, plse,
-                                             dim ** -0.5 * itf.LOG2E, True, False), return_mode="median")
+        # graph replays: eager timing adds host time, which hides the few microseconds selection's shapes
+        # differ by
+        t_pool = do_bench_cudagraph(pool)
+        t_sel = do_bench_cudagraph(lambda: select(pooled, lay, warps=t["select_warps"], chunk=t["select_chunk"]))
+        t_q = do_bench_cudagraph(lambda: itf._launch_q(lay, t, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part,
+                                                       plse, dim ** -0.5 * itf.LOG2E, True, False))
         print(f"N={n} L={levels}: pool {t_pool:.3f} ms, select {t_sel:.3f} ms, query-owned pass {t_q:.3f} ms")
 
 
