@@ -3,9 +3,9 @@
 ``python -m ablations.tune_llsa --n 65536 262144 --levels 2`` prints per-stage medians (pooling, selection,
 the query-owned pass) of CUDA-graph replays, which leave host time out. ``--sweep forward`` / ``--sweep
 backward`` tries every setting of one group of ``TUNE`` keys at a time (each group keeping the best of the
-groups before it), timing the whole forward or backward summed over the sizes; ``--write FILE`` saves the best ``TUNE`` as JSON. B=2, bf16, H=4 and D=64
-unless ``--heads`` / ``--dim`` say otherwise; above D=64 the sweep sets and writes ``interface.TUNE_WIDE``'s
-overrides instead (``--dim 128 --heads 16``).
+groups before it), timing the whole forward or backward summed over the sizes; ``--write FILE`` saves the
+best ``TUNE`` as JSON. B=2, bf16, H=4 and D=64 unless ``--heads`` / ``--dim`` say otherwise; above D=64 the
+sweep sets and writes ``interface.TUNE_WIDE``'s overrides instead (``--dim 128 --heads 16``).
 Graph replay of small calls (``graphs.py``) is off here, so every setting really launches.
 """
 import argparse
