@@ -76,10 +76,12 @@ def stage_times(ns, levels, heads=4, dim=64):
         plse = torch.empty_like(lse)
         # graph replays: eager timing adds host time, which hides the few microseconds selection's shapes
         # differ by
-        t_pool = do_bench_cudagraph(pool)
-        t_sel = do_bench_cudagraph(lambda: select(pooled, lay, warps=t["select_warps"], chunk=t["select_chunk"]))
+        t_pool = do_bench_cudagraph(pool, return_mode="median")
+        t_sel = do_bench_cudagraph(lambda: select(pooled, lay, warps=t["select_warps"], chunk=t["select_chunk"]),
+                                   return_mode="median")
         t_q = do_bench_cudagraph(lambda: itf._launch_q(lay, t, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part,
-                                                       plse, dim ** -0.5 * itf.LOG2E, True, False))
+                                                       plse, dim ** -0.5 * itf.LOG2E, True, False),
+                                 return_mode="median")
         print(f"N={n} L={levels}: pool {t_pool:.3f} ms, select {t_sel:.3f} ms, query-owned pass {t_q:.3f} ms")
 
 
