@@ -18,8 +18,6 @@ from triton.testing import do_bench, do_bench_cudagraph
 from llsa.ops.llsa import graphs
 from llsa.ops.llsa import interface as itf
 from llsa.ops.llsa.layout import Layout
-from llsa.ops.llsa.pool import pool_qkv
-from llsa.ops.llsa.select import select
 
 # Groups of TUNE keys swept together, and the values tried.
 GROUPS = {
@@ -66,10 +64,10 @@ def stage_times(ns, levels, heads=4, dim=64):
         pkv = torch.empty(2, 2 * heads, lay.n_pool, dim, device="cuda", dtype=q.dtype)
 
         def pool():
-            return pool_qkv(q, k, v, lay, t["pool_rows"], t["pool_warps"], kv_out=pkv)
+            return itf.pool_tuned(q, k, v, lay, t, kv_out=pkv)
 
         pooled = pool()
-        sel = select(pooled, lay, warps=t["select_warps"], chunk=t["select_chunk"])
+        sel = itf.select_tuned(pooled, lay, t)
         o = torch.empty_like(q)
         lse = torch.empty(2 * heads, n, device="cuda")
         part = torch.empty(2 * heads, n, dim, device="cuda")
@@ -77,8 +75,7 @@ def stage_times(ns, levels, heads=4, dim=64):
         # graph replays: eager timing adds host time, which hides the few microseconds selection's shapes
         # differ by
         t_pool = do_bench_cudagraph(pool, return_mode="median")
-        t_sel = do_bench_cudagraph(lambda: select(pooled, lay, warps=t["select_warps"], chunk=t["select_chunk"]),
-                                   return_mode="median")
+        t_sel = do_bench_cudagraph(lambda: itf.select_tuned(pooled, lay, t), return_mode="median")
         t_q = do_bench_cudagraph(lambda: itf._launch_q(lay, t, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part,
                                                        plse, dim ** -0.5 * itf.LOG2E, True, False),
                                  return_mode="median")

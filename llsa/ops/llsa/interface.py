@@ -131,6 +131,16 @@ def _top_chunks(n: int, key_programs: int, programs: int) -> int:
     return max(1, min(triton.cdiv(n, 256), triton.cdiv(programs, key_programs)))
 
 
+def pool_tuned(q, k, v, lay: Layout, t: dict, kv_out: torch.Tensor | None = None) -> torch.Tensor:
+    """``pool_qkv`` with the launch shapes ``t`` (``tune(d)``'s)."""
+    return pool_qkv(q, k, v, lay, t["pool_rows"], t["pool_warps"], kv_out=kv_out)
+
+
+def select_tuned(pooled: torch.Tensor, lay: Layout, t: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``select`` with the launch shapes ``t`` (``tune(d)``'s)."""
+    return select(pooled, lay, out=out, warps=t["select_warps"], chunk=t["select_chunk"])
+
+
 def _shared_rows(block: int) -> int:
     """Queries per program for the shared segments: one tile stays under one level-2 ancestor."""
     return min(128, block * block)
@@ -230,8 +240,7 @@ def forward_kernels(q, k, v, lay: Layout, meta: torch.Tensor, reweight: bool, sc
     o, lse, pkv, sel = out
     poison(o, lse, pkv)
     t = tune(d)
-    pooled = pool_qkv(q, k, v, lay, t["pool_rows"], t["pool_warps"], kv_out=pkv)
-    select(pooled, lay, out=sel, warps=t["select_warps"], chunk=t["select_chunk"])
+    select_tuned(pool_tuned(q, k, v, lay, t, kv_out=pkv), lay, t, out=sel)
     part = plse = None
     if not _fused(lay, t, "fwd_"):
         part = torch.empty(bh, n, d, dtype=torch.float32, device=q.device)
@@ -418,5 +427,5 @@ def hierarchical_topk_triton(q, k, *, block_size, topk, levels):
     shapes."""
     lay = Layout(q.shape[-2], block_size, topk, levels, levels)
     t = tune(q.shape[-1])
-    pooled = pool_qkv(_contiguous(q), _contiguous(k), _contiguous(k), lay, t["pool_rows"], t["pool_warps"])
-    return unpack_sel(select(pooled, lay, warps=t["select_warps"], chunk=t["select_chunk"]), lay, q.shape[:2])
+    pooled = pool_tuned(_contiguous(q), _contiguous(k), _contiguous(k), lay, t)
+    return unpack_sel(select_tuned(pooled, lay, t), lay, q.shape[:2])
