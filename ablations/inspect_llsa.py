@@ -2,7 +2,8 @@
 as compiled for an H100, on any machine (no GPU needed).
 
 ``python -m ablations.inspect_llsa --dim 64 128`` compiles the fused query-owned pass (forward and dq) and
-the fine dk/dv kernel with the launch shapes ``interface.tune(d)`` gives them, for sm_90a, reads the
+the fine dk/dv kernel with the launch shapes ``interface.tune(d)`` gives them, and dense attention's loop
+(``ablations.dense_ceiling``) at the fused forward's tile for comparison, for sm_90a, reads the
 register and spill counts from ``ptxas -v``, and counts the SASS instructions of one step of each innermost
 loop (per warp; in the fused passes: enriched candidates, coarsest level, fine segment). Device time is
 scarce: a tile shape that spills, or fills an SM's shared memory, shows here before it is timed, and so does
@@ -21,6 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ablations.dense_ceiling import dense_fwd_pointer_kernel
 from llsa.ops.llsa import interface as itf
 from llsa.ops.llsa.bwd import llsa_kv_kernel
 from llsa.ops.llsa.fwd import llsa_q_kernel
@@ -124,6 +126,12 @@ def kernels(d: int, even: bool = True) -> list[tuple[str, object, dict, dict]]:
     const = dict(B=16, D=d, BMQ=t["kv_rows"], POOLED=True, REWEIGHT=True, PREC="tf32")
     out.append((f"fine dk/dv (BMQ={t['kv_rows']})", llsa_kv_kernel, const,
                 dict(num_warps=t["kv_warps"], num_stages=t["kv_stages"])))
+    # dense attention's loop (ablations/dense_ceiling.py) at the fused forward's rows, warps and stages and
+    # its coarsest step's keys: what one step of the same products costs with no gathers, weights or masks
+    rows, keys = t["fwd_rows"], t["fwd_top_keys"]
+    out.append((f"dense loop (BM={rows}, BN={keys})", dense_fwd_pointer_kernel,
+                dict(D=d, BM=rows, BN=keys, STAGES=t["fwd_stages"]),
+                dict(num_warps=t["fwd_warps"], num_stages=t["fwd_stages"], maxnreg=None)))
     return out
 
 

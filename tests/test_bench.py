@@ -40,7 +40,8 @@ def test_levels_per_length():
 
 def test_offline_inspection_reads_ptxas_and_the_ptx():
     """The kernels compile for an H100 here, without one; the fine dk/dv kernel's products are wgmma and it
-    does not spill (ptxas counts its registers); the disassembly shows the fused forward's three key loops.
+    does not spill (ptxas counts its registers); the disassembly shows the fused forward's three key loops and
+dense attention's one.
     Run in a fresh interpreter: the tests' TRITON_INTERPRET=1 replaces the kernels with interpreter wrappers,
     which do not compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -59,3 +60,7 @@ def test_offline_inspection_reads_ptxas_and_the_ptx():
     # the fused forward's three key loops at 65,536 tokens: enriched candidates, coarsest level, fine segment
     steps = [int(x) for x in rows["fused forward"][-1].split(",")]
     assert len(steps) == 3 and all(x > 100 for x in steps), steps
+    # dense attention's loop at the same tile, for comparison: one key loop, on wgmma
+    dense = [line.split("|")[2:-1] for line in out.stdout.splitlines() if line.startswith("| dense loop")]
+    assert len(dense) == 1 and int(dense[0][6]) > 0 and int(dense[0][7]) == 0, dense
+    assert len(dense[0][-1].split(",")) == 1 and int(dense[0][-1]) > 100, dense
