@@ -41,7 +41,7 @@ def test_levels_per_length():
 def test_offline_inspection_reads_ptxas_and_the_ptx():
     """The kernels compile for an H100 here, without one; the fine dk/dv kernel's products are wgmma and it
     does not spill (ptxas counts its registers); the disassembly shows the fused forward's three key loops and
-dense attention's one.
+    dense attention's one.
     Run in a fresh interpreter: the tests' TRITON_INTERPRET=1 replaces the kernels with interpreter wrappers,
     which do not compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
