@@ -20,7 +20,7 @@ import triton.language as tl
 from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-LOG2E = 1.4426950408889634
+from llsa.ops.llsa.interface import HEAD_DIMS, LOG2E
 
 
 @triton.jit
@@ -89,8 +89,8 @@ def dense_attention(q, k, v, style="pointer", block_m=128, block_n=64, num_warps
     if n % block_m or n % block_n:
         raise ValueError(f"N={n} must be a multiple of block_m={block_m} and block_n={block_n}: these kernels "
                          "have no tail masks, to stay the cheapest form of the loop")
-    if d not in (16, 32, 64, 128):
-        raise ValueError(f"head dim {d} must be 16, 32, 64 or 128")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim {d} must be one of {HEAD_DIMS}")
     q, k, v = (x.contiguous() for x in (q, k, v))
     o = torch.full_like(q, float("nan"))
     grid = (n // block_m, b * h)
