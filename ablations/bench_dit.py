@@ -26,16 +26,16 @@ def attention_options(name: str, n: int, levels: int | None) -> dict:
     return {}
 
 
-def time_steps(size, res, batch, attn, levels, steps, warmup, compile_mode=None, profile=0):
+def time_steps(size, res, batch, attn, levels, steps, warmup, compile_mode=None, profile=0, channels=3):
     n = res * res
-    model = build_dit(size, image_size=res, in_channels=3, attention=attn,
+    model = build_dit(size, image_size=res, in_channels=channels, attention=attn,
                       attention_options=attention_options(attn, n, levels)).cuda()
     if compile_mode:
         model.compile(mode=compile_mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     flow = FlowMatching(image_size=res)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x0 = torch.rand(batch, 3, res, res, device="cuda", generator=gen) * 2 - 1
+    x0 = torch.rand(batch, channels, res, res, device="cuda", generator=gen) * 2 - 1
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -84,6 +84,7 @@ def main(argv=None):
     p.add_argument("--size", default="DiT-S")
     p.add_argument("--res", type=int, default=128)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--channels", type=int, default=3, help="image channels (1 for Fashion-MNIST)")
     p.add_argument("--attn", nargs="+", default=["full", "vsa", "sla", "llsa"])
     p.add_argument("--levels", type=int, default=None, help="LLSA levels (default: the spec's rule)")
     p.add_argument("--steps", type=int, default=5)
@@ -101,7 +102,7 @@ def main(argv=None):
     base, reports = None, []
     for attn in args.attn:
         ms, peak, report = time_steps(args.size, args.res, args.batch, attn, args.levels, args.steps,
-                                      args.warmup, args.compile, args.profile)
+                                      args.warmup, args.compile, args.profile, args.channels)
         base = base or ms
         ips = args.batch / ms * 1e3
         print(f"| {attn} | {ms:.1f} | {ips:.2f} | {ips * args.res ** 2:.3g} | {peak:.1f} | {base / ms:.2f}x |")

@@ -8,6 +8,7 @@ Grid file format (see also ``configs/ablations/README.md``)::
     overrides:                   # dotted key -> value, applied to every run
       data.name: fashion_mnist
       train.max_steps: 500
+    seeds: 3                     # optional: every row once per seed (0, 1, 2; or a list), each its own run
     rows:                        # EITHER explicit rows, in the order the table shows them ...
       - label: Full attention    # row label in the table; the run name is built from it
         name: full               # optional run-name part (default: the label, made filesystem-safe)
@@ -22,6 +23,7 @@ Grid file format (see also ``configs/ablations/README.md``)::
         - {key: throughput, tag: perf/tokens_per_s, reduce: median, scale: 1.0e-3, header: "10^3 tok/s"}
         - {key: topk, config: model.attention.options.topk}   # a value from the run's config.yaml
       plot: {x: throughput, y: fid}
+      curve: val/fid_curve       # optional: a scalar drawn over training steps, one line per row
 
 Values are YAML (loaded with OmegaConf, so ``1e-4`` is a float and ``${train.max_steps}`` stays an
 interpolation for the trainer to resolve). ``???`` marks a value the user must give on the command
@@ -31,7 +33,9 @@ Precedence, lowest first: ``base`` < ``overrides`` < the row's ``set`` (or the a
 ``key=value`` arguments of ``run.py ablate``. The runner appends ``run.name`` and ``run.out_dir``.
 
 Run names are ``<grid name>-<row part>``; for axes the row part joins ``<leaf><value>`` per axis
-(``topk8-levels2``; strings and booleans as ``<leaf>-<value>``, e.g. ``reorder-on``).
+(``topk8-levels2``; strings and booleans as ``<leaf>-<value>``, e.g. ``reorder-on``). With ``seeds`` (or
+``run.py ablate --seeds N``) each row runs once per seed, as ``<grid name>-<row part>-s<seed>`` with
+``run.seed=<seed>``, and the table reports each row's mean, standard deviation and count over its seeds.
 
 A run is *finished* when ``{out}/{run}/DONE`` exists: the runner writes it (JSON: command, overrides,
 seconds) only after the trainer exited with code 0; finished runs are skipped. At launch it writes
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import itertools
 import json
 import math
@@ -76,9 +81,11 @@ STARTED = "STARTED"
 RESUME_KEY, RESUME_VALUE = "train.ckpt_path", "last"
 LOG = "log.txt"
 MISSING_VALUE = "???"
-GRID_KEYS = {"name", "description", "base", "overrides", "rows", "axes", "table"}
+GRID_KEYS = {"name", "description", "base", "overrides", "seeds", "rows", "axes", "table"}
+SEED_KEY = "run.seed"
 ROW_KEYS = {"label", "name", "set", "paper"}
 COLUMN_KEYS = {"key", "tag", "config", "reduce", "scale", "header", "format"}
+TABLE_KEYS = {"label", "columns", "plot", "curve"}
 REDUCTIONS = ("last", "first", "min", "max", "mean", "median")
 DEFAULT_COLUMNS = ["val/fid (last)", "perf/tokens_per_s (median)"]
 
@@ -102,6 +109,8 @@ class TableSpec:
     columns: list[Column]
     # (x column key, y column key), or None for no plot
     plot: tuple[str, str] | None
+    # a scalar tag drawn over training steps, one line per row (mean of its seeds), or None
+    curve: str | None = None
 
 
 @dataclasses.dataclass
@@ -113,6 +122,8 @@ class Run:
     # the keys this row/axis point sets itself: what tells the rows apart
     varied: dict[str, Any]
     paper: dict[str, float]
+    # the training seed when the grid repeats its rows over seeds, else None
+    seed: int | None = None
 
 
 @dataclasses.dataclass
@@ -228,7 +239,7 @@ def _parse_table(spec: Any, where: str) -> TableSpec:
     spec = spec or {}
     if not isinstance(spec, dict):
         raise GridError(f"{where}: `table` must be a mapping with label/columns/plot")
-    _reject_unknown(spec, {"label", "columns", "plot"}, f"{where}: `table`")
+    _reject_unknown(spec, TABLE_KEYS, f"{where}: `table`")
     columns = [_parse_column(c, i, where) for i, c in enumerate(spec.get("columns") or DEFAULT_COLUMNS)]
     keys = [c.key for c in columns]
     if len(set(keys)) != len(keys):
@@ -245,7 +256,10 @@ def _parse_table(spec: Any, where: str) -> TableSpec:
             if plot[axis] not in keys:
                 raise GridError(f"{where}: table.plot.{axis}={plot[axis]!r} is not a column key; keys: {keys}")
         plot = (plot["x"], plot["y"])
-    return TableSpec(label=str(spec.get("label", "run")), columns=columns, plot=plot)
+    curve = spec.get("curve")
+    if curve is not None and not isinstance(curve, str):
+        raise GridError(f"{where}: `table.curve` must be a scalar tag, e.g. val/fid_curve")
+    return TableSpec(label=str(spec.get("label", "run")), columns=columns, plot=plot, curve=curve)
 
 
 def _flat_mapping(value: Any, what: str) -> dict[str, Any]:
@@ -256,8 +270,25 @@ def _flat_mapping(value: Any, what: str) -> dict[str, Any]:
     return dict(value)
 
 
-def load_grid(path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Grid:
-    """Read grid file ``path`` and expand it into runs; ``extra`` overrides win over everything in the file."""
+def parse_seeds(value: Any, where: str) -> list[int] | None:
+    """A grid's ``seeds``: a count N (seeds 0..N-1) or a list of distinct seeds; None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, list) and value):
+        raise GridError(f"{where}: `seeds` must be a count (3 = seeds 0, 1, 2) or a list of seeds, got {value!r}")
+    seeds = list(range(value)) if isinstance(value, int) else value
+    if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
+        raise GridError(f"{where}: `seeds` must be >= 1 or a list of integers >= 0, got {value!r}")
+    if len(set(seeds)) != len(seeds):
+        raise GridError(f"{where}: `seeds` {seeds} repeats a seed")
+    return seeds
+
+
+def load_grid(path: str | os.PathLike, extra: dict[str, Any] | None = None, seeds: int | None = None) -> Grid:
+    """Read grid file ``path`` and expand it into runs; ``extra`` overrides win over everything in the file.
+
+    ``seeds`` (``run.py ablate --seeds N``) replaces the file's ``seeds``: every row is trained with seeds
+    0..N-1, each into its own folder ``<grid>-<row>-s<seed>``."""
     path = Path(path)
     if not path.is_file():
         raise GridError(f"grid file {str(path)!r} does not exist (grids live in configs/ablations/)")
@@ -280,6 +311,10 @@ def load_grid(path: str | os.PathLike, extra: dict[str, Any] | None = None) -> G
                             "`base` is relative to the grid file")
     common = _flat_mapping(raw.get("overrides"), f"{where}: `overrides`")
     extra = dict(extra or {})
+    seed_list = parse_seeds(seeds if seeds is not None else raw.get("seeds"), where)
+    if seed_list is not None and SEED_KEY in extra:
+        raise GridError(f"{where}: the grid repeats its rows over seeds {seed_list}; drop the override "
+                        f"{SEED_KEY}={extra[SEED_KEY]} (or --seeds)")
     table = _parse_table(raw.get("table"), where)
 
     points = []  # (row part of the name, label, varied settings, paper numbers)
@@ -322,10 +357,25 @@ def load_grid(path: str | os.PathLike, extra: dict[str, Any] | None = None) -> G
             raise GridError(f"{where}: rows {seen[name]!r} and {label!r} both give run name {name!r}; "
                             "give one of them a distinct `name:`")
         seen[name] = label
-        runs.append(Run(name=name, label=label, overrides={**common, **setting, **extra},
-                        varied=dict(setting), paper=paper))
+        overrides = {**common, **setting, **extra}
+        if seed_list is None:
+            runs.append(Run(name=name, label=label, overrides=overrides, varied=dict(setting), paper=paper))
+            continue
+        if SEED_KEY in setting:
+            raise GridError(f"{where}: row {label!r} sets {SEED_KEY}, but the grid repeats every row over `seeds`")
+        for seed in seed_list:
+            runs.append(Run(name=f"{name}-s{seed}", label=label, overrides={**overrides, SEED_KEY: seed},
+                            varied=dict(setting), paper=paper, seed=seed))
     return Grid(name=grid_name, path=path, description=str(raw.get("description") or "").strip(),
                 base=base, runs=runs, table=table)
+
+
+def select(grid: Grid, patterns: list[str] | None) -> Grid:
+    """``grid`` with only the runs whose names match one of the shell ``patterns`` (all runs for None)."""
+    if not patterns:
+        return grid
+    runs = [run for run in grid.runs if any(fnmatch.fnmatchcase(run.name, p) for p in patterns)]
+    return dataclasses.replace(grid, runs=runs)
 
 
 def command_for(grid: Grid, run: Run, out: Path, runner: list[str]) -> list[str]:
@@ -358,8 +408,14 @@ def _recorded_overrides(run: Run) -> dict[str, str]:
 
 
 def _base_name(grid: Grid) -> str | None:
-    """The grid's base config as recorded in a run's STARTED marker."""
-    return str(grid.base) if grid.base else None
+    """The grid's base config as recorded in a run's STARTED marker: relative to the repository when inside
+    it, so that runs finished in another checkout of the project are recognised."""
+    if grid.base is None:
+        return None
+    try:
+        return str(grid.base.relative_to(REPO))
+    except ValueError:
+        return str(grid.base)
 
 
 def _identity(base: str | None, overrides: dict[str, str]) -> str:
@@ -470,9 +526,10 @@ def _fmt_seconds(s: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def run_grid(grids: Grid | list[Grid], out: str | os.PathLike, *, gpus: str = "auto",
+def run_grid(grids: Grid | list[Grid], out: str | os.PathLike, *, gpus: str = "auto", pack: int = 1,
              runner: list[str] | None = None, dry_run: bool = False, echo=print) -> int:
-    """Train every unfinished run of ``grids`` into ``out``; returns 1 if any run failed, else 0."""
+    """Train every unfinished run of ``grids`` into ``out``, ``pack`` at once on each GPU; returns 1 if any run
+    failed, else 0."""
     grids = [grids] if isinstance(grids, Grid) else list(grids)
     names = [run.name for grid in grids for run in grid.runs]
     if len(set(names)) != len(names):
@@ -508,7 +565,9 @@ def run_grid(grids: Grid | list[Grid], out: str | os.PathLike, *, gpus: str = "a
         raise GridError(f"grid {', '.join(repr(g.name) for g in grids)} needs {', '.join(missing)}: pass "
                         f"{' '.join(f'{k}=...' for k in missing)} after the grid file")
 
-    workers = resolve_gpus(gpus)
+    if pack < 1:
+        raise GridError(f"--pack must be >= 1 (runs at once per GPU), got {pack}")
+    workers = [gpu for gpu in resolve_gpus(gpus) for _ in range(pack)]
     total = len(all_runs)
     index = {run.name: i + 1 for i, run in enumerate(all_runs)}
     width = len(str(total))
@@ -640,6 +699,13 @@ def main_ablate(argv: list[str]) -> int:
     parser.add_argument("--gpus", default="auto",
                         help="parallel runs, one GPU each; 'auto' = one per visible GPU; 0 = one at a time, "
                              "CUDA_VISIBLE_DEVICES untouched (default: auto)")
+    parser.add_argument("--pack", type=int, default=1,
+                        help="runs trained at once on each GPU (small runs leave a GPU partly idle; default: 1)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="train every row with seeds 0..N-1, each into its own folder (default: the grid's "
+                             "`seeds`, else one run per row)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
+                        help="train only the runs whose names match one of these shell patterns, e.g. '*-full-s0'")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands, train nothing")
     parser.add_argument("--runner", default=None,
                         help="command that trains one run, given [base.yaml] key=value ... "
@@ -653,9 +719,12 @@ def main_ablate(argv: list[str]) -> int:
         overrides = parse_overrides([a for a in args.args if "=" in a])
         if not files:
             raise GridError("name at least one grid file, e.g. configs/ablations/table1a_small.yaml")
-        grids = [load_grid(f, overrides) for f in files]
+        grids = [select(load_grid(f, overrides, seeds=args.seeds), args.only) for f in files]
+        if args.only and not any(grid.runs for grid in grids):
+            raise GridError(f"--only {' '.join(args.only)} matches no run; `--dry-run` lists the run names")
+        grids = [grid for grid in grids if grid.runs]
         runner = shlex.split(args.runner) if args.runner else None
-        return run_grid(grids, args.out, gpus=args.gpus, runner=runner, dry_run=args.dry_run)
+        return run_grid(grids, args.out, gpus=args.gpus, pack=args.pack, runner=runner, dry_run=args.dry_run)
     except GridError as err:
         print(f"run.py ablate: error: {err}", file=sys.stderr)
         return 2

@@ -1,8 +1,13 @@
 """The table of an ablation grid, rebuilt from each run's ``config.yaml`` and TensorBoard events.
 
-``run.py table GRID [--out DIR]`` writes ``{out}/{grid}/table.md``, ``table.csv`` and a PNG of the
-grid's ``table.plot`` columns (``<y>_vs_<x>.png``, e.g. FID against throughput), in the grid's row and
-column order, with the paper's numbers (rows' ``paper:`` entries) beside ours, and prints the Markdown.
+``run.py table GRID [--out DIR]`` writes ``{out}/{grid}/table.md``, ``table.csv`` (a line per row),
+``runs.csv`` (a line per run) and a PNG of the grid's ``table.plot`` columns (``<y>_vs_<x>.png``, e.g.
+FID against throughput), in the grid's row and column order, with the paper's numbers (rows' ``paper:``
+entries) beside ours, and prints the Markdown. A row's runs are its seeds: cells give their mean ± sample
+standard deviation and n; under the table, for each plotted column, a matrix of row-minus-row differences
+marks those beyond two standard errors (``sqrt(s1²/n1 + s2²/n2)``), and the PNG draws ± one standard
+deviation bars. With ``table.curve`` (e.g. ``val/fid_curve``) it also draws that scalar over training steps
+per row and tabulates its value at the last step against three quarters of the steps.
 
 Every scalar point is read (no downsampling); event files are searched recursively under
 ``{out}/{run}/`` and merged, ordered by step then wall time, so ``last`` is the point of the
@@ -77,12 +82,12 @@ def _config_differences(config: Any, varied: dict[str, Any]) -> list[str]:
 
 
 def collect(grid: Grid, out: str | Path) -> list[dict[str, Any]]:
-    """One record per run, in grid order: label, run, status, and per column key a float, value or None."""
+    """One record per run, in grid order: label, run, seed, status, and per column key a float, value or None."""
     out = Path(out)
     records = []
     for run in grid.runs:
         run_dir = out / run.name
-        record: dict[str, Any] = {"label": run.label, "run": run.name, "status": run_status(run_dir),
+        record: dict[str, Any] = {"label": run.label, "run": run.name, "seed": run.seed, "status": run_status(run_dir),
                                   "values": {}, "paper": run.paper}
         scalars = read_scalars(run_dir) if run_dir.exists() else {}
         config = None
@@ -103,64 +108,214 @@ def collect(grid: Grid, out: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _cell(value: Any, col: Column, empty: str) -> str:
+def _numbers(values: list[Any]) -> list[float]:
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def aggregate(grid: Grid, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per row (a row's seeds together), in grid order: label, runs, statuses, paper numbers, and per
+    column key the values of its runs plus ``mean``, ``std`` (sample standard deviation, None below two
+    values) and ``n``; a config column keeps its first run's value."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in records:
+        row = rows.setdefault(r["label"], {"label": r["label"], "runs": [], "statuses": [], "paper": r["paper"],
+                                           "values": {}, "stats": {}})
+        row["runs"].append(r["run"])
+        row["statuses"].append(r["status"])
+        for key, value in r["values"].items():
+            row["values"].setdefault(key, []).append(value)
+    for row in rows.values():
+        for col in grid.table.columns:
+            values = row["values"][col.key]
+            if col.config is not None:
+                row["stats"][col.key] = {"value": next((v for v in values if v is not None), None)}
+                continue
+            xs = _numbers(values)
+            row["stats"][col.key] = {"n": len(xs), "mean": float(np.mean(xs)) if xs else None,
+                                     "std": float(np.std(xs, ddof=1)) if len(xs) > 1 else None}
+    return list(rows.values())
+
+
+def _fmt(value: float | None, col: Column) -> str:
     if value is None:
-        return empty
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else format(value, col.format)
-    return str(value)
+        return MISSING
+    return "nan" if math.isnan(value) else format(value, col.format)
 
 
-def _has_paper(records: list[dict], col: Column) -> bool:
-    return any(col.key in r["paper"] for r in records)
+def _stat_cell(stats: dict, col: Column, runs: int) -> str:
+    if col.config is not None:
+        value = stats["value"]
+        return MISSING if value is None else _fmt(value, col) if isinstance(value, float) else str(value)
+    if not stats["n"]:
+        return MISSING
+    text = _fmt(stats["mean"], col)
+    if stats["std"] is not None:
+        text += f" ± {_fmt(stats['std'], col)}"
+    if stats["n"] != runs:
+        text += f" (n={stats['n']})"
+    return text
 
 
-def to_markdown(grid: Grid, records: list[dict]) -> str:
+def _status(statuses: list[str]) -> str:
+    """``done`` for one run, ``3 done`` for three, ``2 done, 1 missing`` for a mix (in first-seen order)."""
+    counts: dict[str, int] = {}
+    for status in statuses:
+        counts[status] = counts.get(status, 0) + 1
+    if len(statuses) == 1:
+        return statuses[0]
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
+def _runs_cell(runs: list[str]) -> str:
+    if len(runs) == 1:
+        return f"`{runs[0]}`"
+    stem = runs[0].rsplit("-s", 1)[0]
+    return f"`{stem}-s*` ({len(runs)})"
+
+
+def _has_paper(rows: list[dict], col: Column) -> bool:
+    return any(col.key in r["paper"] for r in rows)
+
+
+def separated(a: dict, b: dict) -> tuple[float, float | None, bool]:
+    """Mean difference ``a - b``, its standard error ``sqrt(s_a^2/n_a + s_b^2/n_b)`` and whether the
+    difference exceeds two standard errors (None and False unless both have >= 2 values)."""
+    diff = a["mean"] - b["mean"]
+    if a["std"] is None or b["std"] is None:
+        return diff, None, False
+    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+    return diff, se, abs(diff) > 2 * se
+
+
+def differences_markdown(rows: list[dict], col: Column) -> list[str]:
+    """Row-minus-column mean differences of ``col``, bold where they exceed two standard errors."""
+    have = [r for r in rows if r["stats"][col.key]["n"]]
+    if len(have) < 2 or not any(r["stats"][col.key]["std"] is not None for r in have):
+        return []
+    lines = [f"### {col.header}: row minus column, bold beyond two standard errors", "",
+             "| | " + " | ".join(f"({i + 1})" for i in range(len(have))) + " |",
+             "|---|" + "---|" * len(have)]
+    for i, a in enumerate(have):
+        cells = []
+        for j, b in enumerate(have):
+            if i == j:
+                cells.append("")
+                continue
+            diff, se, beyond = separated(a["stats"][col.key], b["stats"][col.key])
+            text = _fmt(diff, col)
+            cells.append(f"**{text}**" if beyond else text if se is not None else f"{text} (n<2)")
+        lines.append(f"| ({i + 1}) {a['label']} | " + " | ".join(cells) + " |")
+    pairs = [(a, b) for i, a in enumerate(have) for b in have[i + 1:]]
+    beyond = sum(separated(a["stats"][col.key], b["stats"][col.key])[2] for a, b in pairs)
+    lines += ["", f"{beyond} of {len(pairs)} pairs differ by more than two standard errors.", ""]
+    return lines
+
+
+def curve_points(grid: Grid, out: Path, records: list[dict]) -> dict[str, dict[int, list[float]]]:
+    """Row label -> step -> the values of ``table.curve`` its runs logged at that step."""
+    points: dict[str, dict[int, list[float]]] = {}
+    for r in records:
+        series = read_scalars(Path(out) / r["run"]).get(grid.table.curve, []) if (Path(out) / r["run"]).exists() else []
+        last: dict[int, float] = {}
+        for step, _, value in series:
+            last[step] = value
+        for step, value in last.items():
+            points.setdefault(r["label"], {}).setdefault(step, []).append(value)
+    return points
+
+
+def plateau_markdown(grid: Grid, points: dict[str, dict[int, list[float]]]) -> list[str]:
+    """Per row: the curve's mean at its last step and at the step nearest three quarters of it."""
+    if not points:
+        return []
+    tag = grid.table.curve
+    lines = [f"### {tag} over training: last step against three quarters of the steps", "",
+             "| row | n | step ¾ | at ¾ | last step | at last | last / ¾ |", "|---|---|---|---|---|---|---|"]
+    for label, by_step in points.items():
+        steps = sorted(by_step)
+        last = steps[-1]
+        quarter = min(steps, key=lambda s: (abs(s - 0.75 * last), s))
+        a, b = float(np.mean(by_step[quarter])), float(np.mean(by_step[last]))
+        lines.append(f"| {label} | {len(by_step[last])} | {quarter} | {a:.2f} | {last} | {b:.2f} | {b / a:.3f} |")
+    return lines + [""]
+
+
+def to_markdown(grid: Grid, rows: list[dict], extra: list[str] = ()) -> str:
     cols = grid.table.columns
-    header = [grid.table.label]
+    header = [grid.table.label, "n"]
     for col in cols:
         header.append(col.header)
-        if _has_paper(records, col):
+        if _has_paper(rows, col):
             header.append(f"{col.header} (paper)")
-    header += ["status", "run"]
+    header += ["status", "runs"]
     lines = [f"# {grid.name}", ""]
     if grid.description:
         lines += [grid.description, ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for r in records:
-        cells = [r["label"]]
+    lines += ["Cells: mean ± sample standard deviation over the row's runs (seeds); n: runs with results.", "",
+              "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        done = max([r["stats"][c.key]["n"] for c in cols if c.config is None] or [0])
+        cells = [r["label"], str(done)]
         for col in cols:
-            cells.append(_cell(r["values"][col.key], col, MISSING))
-            if _has_paper(records, col):
-                cells.append(_cell(r["paper"].get(col.key), col, "–"))
-        cells += [r["status"], f"`{r['run']}`"]
+            cells.append(_stat_cell(r["stats"][col.key], col, done))
+            if _has_paper(rows, col):
+                paper = r["paper"].get(col.key)
+                cells.append("–" if paper is None else _fmt(float(paper), col))
+        cells += [_status(r["statuses"]), _runs_cell(r["runs"])]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+    lines.append("")
+    if grid.table.plot is not None:
+        by_key = {c.key: c for c in cols}
+        for key in reversed(grid.table.plot):
+            lines += differences_markdown(rows, by_key[key])
+    lines += list(extra)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def to_csv(grid: Grid, records: list[dict]) -> str:
+def to_csv(grid: Grid, rows: list[dict]) -> str:
     cols = grid.table.columns
-    header = ["label", "run", "status"]
+    header = ["label", "runs", "status"]
     for col in cols:
-        header.append(col.key)
-        if _has_paper(records, col):
+        if col.config is not None:
+            header.append(col.key)
+        else:
+            header += [f"{col.key}_mean", f"{col.key}_std", f"{col.key}_n"]
+        if _has_paper(rows, col):
             header.append(f"{col.key}_paper")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
-    for r in records:
-        row = [r["label"], r["run"], r["status"]]
+    for r in rows:
+        line = [r["label"], " ".join(r["runs"]), _status(r["statuses"])]
         for col in cols:
-            value = r["values"][col.key]
-            row.append(MISSING if value is None else repr(value) if isinstance(value, float) else value)
-            if _has_paper(records, col):
-                row.append(r["paper"].get(col.key, ""))
-        writer.writerow(row)
+            stats = r["stats"][col.key]
+            if col.config is not None:
+                line.append(MISSING if stats["value"] is None else stats["value"])
+            else:
+                line += [MISSING if stats["mean"] is None else repr(stats["mean"]),
+                         "" if stats["std"] is None else repr(stats["std"]), stats["n"]]
+            if _has_paper(rows, col):
+                line.append(r["paper"].get(col.key, ""))
+        writer.writerow(line)
     return buf.getvalue()
 
 
-def plot(grid: Grid, records: list[dict], path: Path) -> None:
-    """Scatter of the ``table.plot`` columns, every point labelled; the paper's numbers as hollow markers."""
+def runs_csv(grid: Grid, records: list[dict]) -> str:
+    """Every run's own values, one line per run (the seeds the table's means come from)."""
+    cols = grid.table.columns
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["label", "run", "status"] + [c.key for c in cols])
+    for r in records:
+        values = [r["values"][c.key] for c in cols]
+        writer.writerow([r["label"], r["run"], r["status"]] +
+                        [MISSING if v is None else repr(v) if isinstance(v, float) else v for v in values])
+    return buf.getvalue()
+
+
+def plot(grid: Grid, rows: list[dict], records: list[dict], path: Path) -> None:
+    """The ``table.plot`` columns: each row's mean with ± one standard deviation bars, its seeds as small
+    dots, every row labelled; the paper's numbers as hollow markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,47 +323,84 @@ def plot(grid: Grid, records: list[dict], path: Path) -> None:
 
     x_key, y_key = grid.table.plot
     cols = {c.key: c for c in grid.table.columns}
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for source, style in (("values", dict(marker="o", color="tab:blue", label="ours")),
-                          ("paper", dict(marker="s", facecolors="none", edgecolors="tab:gray", label="paper"))):
-        pts = [(r[source].get(x_key), r[source].get(y_key), r["label"]) for r in records]
-        pts = [(x, y, label) for x, y, label in pts if isinstance(x, (int, float)) and isinstance(y, (int, float))]
-        if not pts:
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    colors = plt.get_cmap("tab10")
+    drawn = False
+    for i, r in enumerate(rows):
+        sx, sy = r["stats"][x_key], r["stats"][y_key]
+        if not sx.get("n") or not sy.get("n"):
             continue
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], **style)
-        for x, y, label in pts:
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8,
-                        color=style.get("color", "tab:gray"))
-    absent = [r["label"] for r in records
-              if not isinstance(r["values"].get(x_key), (int, float)) or not isinstance(r["values"].get(y_key),
-                                                                                           (int, float))]
+        color = colors(i % 10)
+        seeds = [(x, y) for x, y in zip(r["values"][x_key], r["values"][y_key])
+                 if isinstance(x, (int, float)) and isinstance(y, (int, float))]
+        ax.scatter([p[0] for p in seeds], [p[1] for p in seeds], s=12, alpha=0.4, color=color)
+        ax.errorbar(sx["mean"], sy["mean"], xerr=sx["std"] or 0, yerr=sy["std"] or 0, fmt="o", color=color,
+                    capsize=3, label=f"{r['label']} (n={min(sx['n'], sy['n'])})")
+        drawn = True
+    paper = [(r["paper"].get(x_key), r["paper"].get(y_key), r["label"]) for r in rows]
+    paper = [(x, y, label) for x, y, label in paper if isinstance(x, (int, float)) and isinstance(y, (int, float))]
+    if paper:
+        ax.scatter([p[0] for p in paper], [p[1] for p in paper], marker="s", facecolors="none",
+                   edgecolors="tab:gray", label="paper")
+        for x, y, label in paper:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="tab:gray")
+    absent = [r["label"] for r in rows if not r["stats"][x_key].get("n") or not r["stats"][y_key].get("n")]
     if absent:
         ax.text(0.01, 0.01, "missing: " + ", ".join(absent), transform=ax.transAxes, fontsize=7, va="bottom")
-    # room for the labels of the outermost points
-    ax.margins(x=0.25, y=0.12)
+    ax.margins(x=0.15, y=0.12)
     ax.set_xlabel(cols[x_key].header)
     ax.set_ylabel(cols[y_key].header)
-    ax.set_title(grid.name)
+    ax.set_title(f"{grid.name}: mean ± 1 s.d. over seeds (dots: single seeds)")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    if drawn or paper:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(grid: Grid, points: dict[str, dict[int, list[float]]], path: Path) -> None:
+    """``table.curve`` against training steps: each row's mean over its seeds, shaded ± one s.d."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for label, by_step in points.items():
+        steps = sorted(by_step)
+        mean = np.array([np.mean(by_step[s]) for s in steps])
+        std = np.array([np.std(by_step[s], ddof=1) if len(by_step[s]) > 1 else 0.0 for s in steps])
+        line, = ax.plot(steps, mean, marker="o", markersize=3, label=f"{label} (n={len(by_step[steps[-1]])})")
+        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(grid.table.curve)
+    ax.set_title(f"{grid.name}: {grid.table.curve}, mean ± 1 s.d. over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def write_table(grid: Grid, out: str | Path) -> dict[str, Path]:
-    """Write table.md, table.csv and the plot into ``{out}/{grid}/``; returns the paths by kind."""
+    """Write table.md, table.csv, runs.csv and the plots into ``{out}/{grid}/``; returns the paths by kind."""
     records = collect(grid, out)
+    rows = aggregate(grid, records)
+    points = curve_points(grid, Path(out), records) if grid.table.curve else {}
     folder = Path(out) / grid.name
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"md": folder / "table.md", "csv": folder / "table.csv"}
-    paths["md"].write_text(to_markdown(grid, records))
-    paths["csv"].write_text(to_csv(grid, records))
+    paths = {"md": folder / "table.md", "csv": folder / "table.csv", "runs": folder / "runs.csv"}
+    paths["md"].write_text(to_markdown(grid, rows, plateau_markdown(grid, points)))
+    paths["csv"].write_text(to_csv(grid, rows))
+    paths["runs"].write_text(runs_csv(grid, records))
     if grid.table.plot is not None:
         x_key, y_key = grid.table.plot
         paths["png"] = folder / f"{y_key}_vs_{x_key}.png"
-        plot(grid, records, paths["png"])
+        plot(grid, rows, records, paths["png"])
+    if points:
+        paths["curve"] = folder / f"{grid.table.curve.replace('/', '_')}.png"
+        plot_curves(grid, points, paths["curve"])
     return paths
 
 

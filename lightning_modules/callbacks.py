@@ -46,47 +46,109 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class EvaluationCallback(Callback):
+    """Evaluates every ``every()`` steps (0: never during training) and once more, ``final``, when training
+    ends. Subclasses implement ``_evaluate(trainer, pl_module, final)``; an evaluation never runs twice at
+    one step. ``seconds`` adds up the time spent evaluating, which throughput leaves out."""
+
+    def __init__(self):
+        self._last_step = -1
+        self.seconds = 0.0
+
+    def every(self) -> int:
+        raise NotImplementedError
+
+    def _evaluate(self, trainer, pl_module, final: bool):
+        raise NotImplementedError
+
+    def evaluate(self, trainer, pl_module, final: bool = False):
+        if self._last_step == trainer.global_step:
+            return
+        self._last_step = trainer.global_step
+        # the training steps still queued on the GPU belong to training, not to this evaluation
+        _sync(pl_module.device)
+        start = time.perf_counter()
+        self._evaluate(trainer, pl_module, final)
+        _sync(pl_module.device)
+        self.seconds += time.perf_counter() - start
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        every = self.every()
+        if every and trainer.global_step % every == 0 and trainer.global_step < trainer.max_steps:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self.evaluate(trainer, pl_module, final=True)
+
+    def on_fit_end(self, trainer, pl_module):
+        # A run resumed from the checkpoint of its last step (killed during its final evaluation) skips the
+        # training loop and with it on_train_end; evaluate here, on the device the teardown moved it from.
+        if not 0 < trainer.max_steps <= trainer.global_step or self._last_step == trainer.global_step:
+            return
+        device = pl_module.device
+        pl_module.to(trainer.strategy.root_device)
+        try:
+            self.evaluate(trainer, pl_module, final=True)
+        finally:
+            pl_module.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class ThroughputMonitor(Callback):
     """``perf/tokens_per_s`` (pixel tokens: H*W per image), ``perf/images_per_s``, ``perf/step_ms`` and
-    ``perf/peak_mem_gb``, averaged since the previous log, every ``log_every`` steps.
+    ``perf/peak_mem_gb`` every ``log_every`` steps, over the steps since the previous log.
 
-    A step is timed from batch start to batch end (forward, backward, optimizer, EMA; data loading and
-    evaluation callbacks excluded), after a device sync. The first ``warmup_steps`` steps are left out.
-    Counts are global: images per step are the per-rank batch times the world size.
+    Wall time of whole windows of steps (forward, backward, optimizer, EMA, batch drawing, logging,
+    checkpoints: everything a run spends per step), less the time evaluation callbacks spent inside the
+    window. The GPU is synchronised only where a window closes, every ``log_every`` steps, so the host keeps
+    queueing steps ahead of the GPU in between. The first ``warmup_steps`` steps (compilation, autotuning)
+    are left out. Counts are global: images per step are the per-rank batch times the world size.
     """
 
     def __init__(self, warmup_steps: int = 5, log_every: int = 10):
         self.warmup_steps, self.log_every = warmup_steps, log_every
         self.images = self.tokens = self.steps = 0
         self.seconds = self.peak_mem_gb = 0.0
-        self._window = [0, 0, 0, 0.0]  # images, tokens, steps, seconds since the last log
-        self._start = 0.0
+        # open window: [images, tokens, steps, start time, evaluation seconds at the start]; None when closed
+        self._window: list | None = None
 
-    def _sync(self, device):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    @staticmethod
+    def _evaluation_seconds(trainer) -> float:
+        return sum(cb.seconds for cb in trainer.callbacks if isinstance(cb, EvaluationCallback))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._sync(pl_module.device)
-        self._start = time.perf_counter()
+        # global_step counts finished steps: this batch is step global_step + 1
+        if self._window is None and trainer.global_step >= self.warmup_steps:
+            _sync(pl_module.device)
+            self._window = [0, 0, 0, time.perf_counter(), self._evaluation_seconds(trainer)]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._sync(pl_module.device)
-        seconds = time.perf_counter() - self._start
-        if trainer.global_step <= self.warmup_steps:
+        w = self._window
+        if w is None:
             return
         x = batch[0]
         images = x.shape[0] * trainer.world_size
-        tokens = images * x.shape[-2] * x.shape[-1]
-        self.images, self.tokens, self.steps, self.seconds = (
-            self.images + images, self.tokens + tokens, self.steps + 1, self.seconds + seconds)
-        # read at the step's end, so the peak is training's and not that of a later evaluation
-        self.peak_mem_gb = max(self.peak_mem_gb, peak_memory_gb(pl_module.device))
-        w = self._window
-        w[0], w[1], w[2], w[3] = w[0] + images, w[1] + tokens, w[2] + 1, w[3] + seconds
+        w[0], w[1], w[2] = w[0] + images, w[1] + images * x.shape[-2] * x.shape[-1], w[2] + 1
         if trainer.global_step % self.log_every == 0:
-            log_metrics(trainer, self._rates(*w, self.peak_mem_gb))
-            self._window = [0, 0, 0, 0.0]
+            self._close(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self._window is not None and self._window[2]:
+            self._close(trainer, pl_module)
+
+    def _close(self, trainer, pl_module):
+        _sync(pl_module.device)
+        images, tokens, steps, start, evaluation = self._window
+        seconds = time.perf_counter() - start - (self._evaluation_seconds(trainer) - evaluation)
+        self._window = None
+        self.images, self.tokens, self.steps, self.seconds = (
+            self.images + images, self.tokens + tokens, self.steps + steps, self.seconds + seconds)
+        self.peak_mem_gb = max(self.peak_mem_gb, peak_memory_gb(pl_module.device))
+        log_metrics(trainer, self._rates(images, tokens, steps, seconds, self.peak_mem_gb))
 
     @staticmethod
     def _rates(images, tokens, steps, seconds, peak_mem_gb) -> dict[str, float]:
@@ -100,40 +162,12 @@ class ThroughputMonitor(Callback):
         return self._rates(self.images, self.tokens, self.steps, self.seconds, self.peak_mem_gb)
 
 
-class EvaluationCallback(Callback):
-    """Calls ``_run`` every ``every()`` steps (0: never during training) and once when training ends.
-    ``_run`` records the step it ran at in ``_last_step`` and does nothing twice at one step."""
-
-    def every(self) -> int:
-        raise NotImplementedError
-
-    def _run(self, trainer, pl_module):
-        raise NotImplementedError
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        every = self.every()
-        if every and trainer.global_step % every == 0:
-            self._run(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        self._run(trainer, pl_module)
-
-    def on_fit_end(self, trainer, pl_module):
-        # A run resumed from the checkpoint of its last step (killed during its final evaluation) skips the
-        # training loop and with it on_train_end; evaluate here, on the device the teardown moved it from.
-        if not 0 < trainer.max_steps <= trainer.global_step or self._last_step == trainer.global_step:
-            return
-        device = pl_module.device
-        pl_module.to(trainer.strategy.root_device)
-        try:
-            self._run(trainer, pl_module)
-        finally:
-            pl_module.to(device)
-
-
 class FIDCallback(EvaluationCallback):
-    """``val/fid`` of ``fid_samples`` EMA samples against the training data, every ``fid_every`` steps
-    (0: never during training) and once at the end.
+    """FID of EMA samples against the training data.
+
+    Every ``fid_every`` steps (0: never during training) ``val/fid_curve`` on ``fid_curve_samples`` samples;
+    when training ends ``val/fid`` on ``fid_samples`` samples and, when there is a curve, its last point from
+    the first ``fid_curve_samples`` of those samples (sample ``i`` has the same noise at every step).
 
     The feature extractor is loaded when fitting starts, so missing weights fail before training.
     Reference statistics are computed on first use and cached in ``stats_dir``. Under DDP every rank
@@ -141,10 +175,11 @@ class FIDCallback(EvaluationCallback):
     """
 
     def __init__(self, cfg, stats_dir: Path, progress: bool = True):
+        super().__init__()
         self.cfg, self.stats_dir, self.progress = cfg, Path(stats_dir), progress
         self.extractor: fid.FeatureExtractor | None = None
-        self._last_step = -1
-        self.history: list[tuple[int, float]] = []
+        # (step, tag, samples, FID)
+        self.history: list[tuple[int, str, int, float]] = []
 
     def on_fit_start(self, trainer, pl_module):
         if self.cfg.eval.fid_samples == 0:
@@ -152,16 +187,28 @@ class FIDCallback(EvaluationCallback):
         self.extractor = fid.load_feature_extractor(self.cfg.eval.fid_features, pl_module.device)
         log.info("FID features: %s", self.extractor.description)
 
-    def _run(self, trainer, pl_module):
-        if self.cfg.eval.fid_samples == 0 or self._last_step == trainer.global_step:
+    def _evaluate(self, trainer, pl_module, final: bool):
+        e = self.cfg.eval
+        if e.fid_samples == 0:
             return
-        self._last_step = trainer.global_step
-        value = fid.score(pl_module, trainer.datamodule.dataset, self.extractor, self.stats_dir,
-                          rank=trainer.global_rank, world=trainer.world_size, all_gather=gatherer(pl_module),
-                          progress=self.progress and trainer.is_global_zero)
-        self.history.append((trainer.global_step, value))
-        log_metrics(trainer, {"val/fid": value})
-        log.info("step %d: FID %.3f (%d samples)", trainer.global_step, value, self.cfg.eval.fid_samples)
+        curve = e.fid_curve_samples or e.fid_samples
+        counts = {}
+        if final:
+            counts["val/fid"] = e.fid_samples
+        if not final or e.fid_every:
+            counts["val/fid_curve"] = curve
+        values = fid.score(pl_module, trainer.datamodule.dataset, self.extractor, self.stats_dir,
+                           counts=sorted(set(counts.values())), rank=trainer.global_rank,
+                           world=trainer.world_size, all_gather=gatherer(pl_module),
+                           progress=self.progress and trainer.is_global_zero)
+        for tag, n in counts.items():
+            self.history.append((trainer.global_step, tag, n, values[n]))
+            log.info("step %d: %s %.3f (%d samples)", trainer.global_step, tag, values[n], n)
+        log_metrics(trainer, {tag: values[n] for tag, n in counts.items()})
+
+    def final(self) -> float | None:
+        """The final FID (``val/fid``), once training has ended."""
+        return next((value for _, tag, _, value in reversed(self.history) if tag == "val/fid"), None)
 
     def every(self) -> int:
         return self.cfg.eval.fid_every
@@ -172,14 +219,13 @@ class SampleGridCallback(EvaluationCallback):
     ``samples/ema`` in TensorBoard and ``samples/step_XXXXXXX.png`` in the run folder. Rank 0 only."""
 
     def __init__(self, cfg, out_dir: Path):
+        super().__init__()
         self.cfg, self.out_dir = cfg, Path(out_dir)
-        self._last_step = -1
         self.last_path: Path | None = None
 
-    def _run(self, trainer, pl_module):
-        if not trainer.is_global_zero or self._last_step == trainer.global_step:
+    def _evaluate(self, trainer, pl_module, final: bool):
+        if not trainer.is_global_zero:
             return
-        self._last_step = trainer.global_step
         e = self.cfg.eval
         images = pl_module.sample(range(e.grid_size), seed=e.sample_seed, batch_size=e.fid_batch_size)
         self.last_path = self.out_dir / f"step_{trainer.global_step:07d}.png"
@@ -191,6 +237,52 @@ class SampleGridCallback(EvaluationCallback):
 
     def every(self) -> int:
         return self.cfg.eval.grid_every
+
+
+# what a grid varies, logged with every run so that TensorBoard's HParams view lines up a whole grid
+HPARAM_KEYS = ("model.attention.name", "model.attention.options.block_size", "model.attention.options.topk",
+               "model.attention.options.levels", "model.attention.options.enrich_levels",
+               "model.attention.options.reweight", "model.reorder", "flow.noise_rescale", "flow.timestep_sampling",
+               "flow.shift", "data.resolution", "model.size", "run.seed")
+
+
+def hparams_of(cfg) -> dict[str, str | int | float | bool]:
+    """``HPARAM_KEYS``' values in ``cfg``; an unset option (the method's default) reads ``default``."""
+    from omegaconf import OmegaConf
+
+    values = {}
+    for key in HPARAM_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        values[key] = "default" if value is None else value
+    return values
+
+
+class HParamsCallback(Callback):
+    """After the final evaluation, the run's ``HPARAM_KEYS`` as TensorBoard hparams with its final FID,
+    throughput and peak memory as their metrics (``hparams/fid``, ``hparams/tokens_per_s``,
+    ``hparams/peak_mem_gb``). Must come after the FID callback and the throughput monitor."""
+
+    def __init__(self, cfg, throughput: ThroughputMonitor, fid_cb: FIDCallback):
+        self.cfg, self.throughput, self.fid_cb = cfg, throughput, fid_cb
+        self._written = False
+
+    def _write(self, trainer):
+        if self._written or not trainer.is_global_zero:
+            return
+        self._written = True
+        perf = self.throughput.summary()
+        metrics = {"hparams/fid": self.fid_cb.final(), "hparams/tokens_per_s": perf.get("perf/tokens_per_s"),
+                   "hparams/peak_mem_gb": perf.get("perf/peak_mem_gb")}
+        metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(hparams_of(self.cfg), metrics)
+
+    def on_train_end(self, trainer, pl_module):
+        self._write(trainer)
+
+    def on_fit_end(self, trainer, pl_module):
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self._write(trainer)
 
 
 class StepCheckpoint(ModelCheckpoint):

@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 DATASETS = ("fashion_mnist", "folder", "procedural")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
 FID_FEATURES = ("auto", "inception", "fid_helper", "tiny")
 SECTIONS = ("run", "model", "data", "flow", "train", "eval")
@@ -61,6 +62,10 @@ class DataConfig:
     class_labels: bool = False
     batch_size: int = 16
     num_workers: int = 2
+    # keep the whole dataset, resized, on the training device as float16 and draw batches there (no loader
+    # processes, no host copies); null: on a GPU when that copy fits in resident_max_gb
+    resident: Optional[bool] = None
+    resident_max_gb: float = 8.0
 
 
 @dataclass
@@ -87,6 +92,9 @@ class TrainConfig:
     # 0 turns clipping off
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    # after the warm-up: constant, or cosine / linear decay to lr * lr_final_ratio at max_steps
+    lr_schedule: str = "constant"
+    lr_final_ratio: float = 0.0
     # the paper's 0.9999 (with warm-up) would barely move in a few hundred steps; experiment YAMLs set it
     ema_decay: float = 0.999
     # decay warm-up 1 - (1 + step)^(-3/4), capped at ema_decay (diffusers' inv_gamma=1, power=3/4)
@@ -107,8 +115,9 @@ class TrainConfig:
     # first steps left out of the throughput numbers (compilation, autotuning, allocator warm-up)
     warmup_perf_steps: int = 5
     # torch.compile the trained model (not its EMA copy) with this mode: null (eager), default,
-    # reduce-overhead (CUDA graphs), max-autotune; fuses the norms, RoPE and modulations around attention
-    compile: Optional[str] = None
+    # reduce-overhead (CUDA graphs), max-autotune; fuses the norms, RoPE and modulations around attention.
+    # auto: default on a GPU for runs of at least 1,000 steps (compiling takes about a minute), else eager
+    compile: Optional[str] = "auto"
     # the torch.compile backend (aot_eager traces without generating code: how the CPU tests run it)
     compile_backend: str = "inductor"
 
@@ -119,6 +128,9 @@ class EvalConfig:
     fid_every: int = 0
     # 0: no FID at all
     fid_samples: int = 200
+    # samples of the FIDs taken every fid_every steps (val/fid_curve); the final FID (val/fid) uses
+    # fid_samples, and its first fid_curve_samples samples give the curve's last point. null: fid_samples
+    fid_curve_samples: Optional[int] = None
     fid_batch_size: int = 100
     # reference images taken from the training data (None: all of it)
     fid_ref_max: Optional[int] = 1000
@@ -226,6 +238,7 @@ def validate(cfg: DictConfig) -> None:
     _check(d.channels is None or d.channels in (1, 3), f"`data.channels` must be 1, 3 or null, got {d.channels}")
     _check(d.batch_size >= 1, f"`data.batch_size` must be >= 1, got {d.batch_size}")
     _check(d.num_workers >= 0, f"`data.num_workers` must be >= 0, got {d.num_workers}")
+    _check(d.resident_max_gb > 0, f"`data.resident_max_gb` must be > 0, got {d.resident_max_gb}")
     _check(d.class_labels or m.num_classes == 0,
            f"`model.num_classes`={m.num_classes} needs `data.class_labels=true` (or set model.num_classes=0)")
 
@@ -246,6 +259,8 @@ def validate(cfg: DictConfig) -> None:
     _check(t.eps > 0, f"`train.eps` must be > 0, got {t.eps}")
     _check(t.grad_clip >= 0, f"`train.grad_clip` must be >= 0 (0 = off), got {t.grad_clip}")
     _check(t.warmup_steps >= 0, f"`train.warmup_steps` must be >= 0, got {t.warmup_steps}")
+    _check(t.lr_schedule in LR_SCHEDULES, f"`train.lr_schedule` must be one of {LR_SCHEDULES}, got {t.lr_schedule!r}")
+    _check(0 <= t.lr_final_ratio <= 1, f"`train.lr_final_ratio` must be in [0, 1], got {t.lr_final_ratio}")
     _check(0 <= t.ema_decay < 1, f"`train.ema_decay` must be in [0, 1), got {t.ema_decay}")
     _check(t.precision in PRECISIONS, f"`train.precision` must be one of {PRECISIONS}, got {t.precision!r}")
     _check(t.num_nodes >= 1, f"`train.num_nodes` must be >= 1, got {t.num_nodes}")
@@ -258,6 +273,8 @@ def validate(cfg: DictConfig) -> None:
     _check(e.fid_every >= 0, f"`eval.fid_every` must be >= 0 (0 = only at the end), got {e.fid_every}")
     _check(e.fid_samples == 0 or e.fid_samples >= 2,
            f"`eval.fid_samples` must be 0 (no FID) or >= 2, got {e.fid_samples}")
+    _check(e.fid_curve_samples is None or 2 <= e.fid_curve_samples <= max(e.fid_samples, 2),
+           f"`eval.fid_curve_samples` must be null or in 2..eval.fid_samples={e.fid_samples}, got {e.fid_curve_samples}")
     _check(e.fid_batch_size >= 1, f"`eval.fid_batch_size` must be >= 1, got {e.fid_batch_size}")
     _check(e.fid_ref_max is None or e.fid_ref_max >= 2, f"`eval.fid_ref_max` must be >= 2 or null, got {e.fid_ref_max}")
     _check(e.grid_every >= 0, f"`eval.grid_every` must be >= 0 (0 = only at the end), got {e.grid_every}")

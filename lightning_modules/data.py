@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_modules.fid import seed_of
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+# training reads only the train split; the t10k files may be absent
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
 # where Debian's dataset-fashion-mnist package puts the files, then torchvision's download layout
 FASHION_MNIST_SEARCH = ("/usr/share/datasets/fashion-mnist", "/usr/share/datasets/*fashion*mnist*",
                         "data/FashionMNIST/raw")
@@ -35,13 +37,6 @@ class DataNotFoundError(FileNotFoundError):
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8-valued images in [0, 255] -> float in [-1, 1]."""
     return images.float() / 127.5 - 1
-
-
-def fit_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """(C, H, W) with C in {1, 3} -> ``channels`` channels (gray repeated, or RGB averaged to gray)."""
-    if x.shape[0] == channels:
-        return x
-    return x.expand(3, -1, -1).clone() if channels == 3 else x.mean(0, keepdim=True)
 
 
 class ImageFolderDataset(Dataset):
@@ -117,7 +112,7 @@ def _has_fashion_mnist(folder: Path) -> bool:
 
 def find_fashion_mnist(path: str | Path | None = None, search: tuple[str, ...] | None = None,
                        download_root: str | Path | None = "data") -> Path:
-    """The folder holding Fashion-MNIST's four IDX files: ``path``, then ``search`` (globs allowed), then a
+    """The folder holding Fashion-MNIST's training IDX files (``FASHION_MNIST_FILES``): ``path``, then ``search`` (globs allowed), then a
     torchvision download into ``download_root`` (skipped when None). Raises DataNotFoundError saying how
     to get the data. ``search`` defaults to ``FASHION_MNIST_SEARCH``."""
     search = FASHION_MNIST_SEARCH if search is None else search
@@ -132,7 +127,6 @@ def find_fashion_mnist(path: str | Path | None = None, search: tuple[str, ...] |
             from torchvision.datasets import FashionMNIST
 
             FashionMNIST(str(download_root), train=True, download=True)
-            FashionMNIST(str(download_root), train=False, download=True)
         except Exception:  # no network, or torchvision missing: fall through to the message below
             pass
         folder = Path(download_root) / "FashionMNIST" / "raw"
@@ -167,11 +161,17 @@ class FashionMNISTDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        x = self.images[i].float()[None, None]  # [1, 1, 28, 28]
+        return self.batch(torch.tensor([i]))[0][0], self.labels[i]
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``indices`` at once, exactly as ``__getitem__`` gives them one by one."""
+        x = self.images[indices].float()[:, None]  # [n, 1, 28, 28]
         if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
-        x = fit_channels(x[0] / 127.5 - 1, self.channels)
-        return x, self.labels[i]
+        x = x / 127.5 - 1
+        if self.channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        return x, self.labels[indices]
 
 
 class ProceduralDataset(Dataset):
@@ -219,25 +219,93 @@ def build_dataset(data_cfg, download_root: str | Path | None = "data") -> Datase
     raise ValueError(f"`data.name` must be fashion_mnist, folder or procedural, got {name!r}")
 
 
+def stack_dataset(dataset: Dataset, batch_size: int = 1024, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image (n, C, H, W) and label (n,) of ``dataset``, in index order, as ``dataset[i]`` gives them."""
+    n = len(dataset)
+    if hasattr(dataset, "batch"):
+        chunks = [dataset.batch(torch.arange(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    else:
+        chunks = list(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+
+class ResidentBatches:
+    """Shuffled, drop-last batches of a whole dataset held on one device: no loader processes, no copies.
+
+    Every ``len(images) // world`` images form one epoch per rank: a permutation seeded by ``(seed, epoch)``,
+    the same on every rank, of which rank ``r`` takes ``perm[r::world]``. Batch ``s`` of the run (counted
+    across epochs) therefore depends only on ``(seed, rank, world, s)``, and iteration starts at batch
+    ``start_step()``: a resumed run draws exactly the batches of an uninterrupted one. The iterator never
+    ends; the trainer's ``max_steps`` does.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1, start_step=lambda: 0):
+        per_epoch = len(images) // world // batch_size
+        if per_epoch < 1:
+            raise ValueError(f"the dataset has {len(images)} images, fewer than `data.batch_size`={batch_size} "
+                             f"per process ({world} processes); lower data.batch_size")
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.seed, self.rank, self.world, self.start_step = seed, rank, world, start_step
+        self.per_epoch = per_epoch
+
+    def _shard(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator(device=self.images.device).manual_seed(seed_of(self.seed, epoch))
+        perm = torch.randperm(len(self.images), generator=g, device=self.images.device)
+        return perm[self.rank::self.world]
+
+    def __iter__(self):
+        step = self.start_step()
+        shard, epoch = None, -1
+        while True:
+            e, i = divmod(step, self.per_epoch)
+            if e != epoch:
+                shard, epoch = self._shard(e), e
+            idx = shard[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.images[idx].float(), self.labels[idx]
+            step += 1
+
+
+def resident_bytes(dataset: Dataset) -> int:
+    """Bytes the whole dataset takes on a device as float16."""
+    x, _ = dataset[0]
+    return len(dataset) * x.numel() * 2
+
+
 class ImageDataModule(L.LightningDataModule):
     """Shuffled, drop-last batches of ``(images, labels)`` from :func:`build_dataset`.
 
-    Under DDP, Lightning swaps in a DistributedSampler, so each rank sees its own shard.
+    With ``data.resident`` (null: on a GPU when the float16 copy fits in ``data.resident_max_gb``) the
+    whole dataset is resized once and kept on the training device (:class:`ResidentBatches`); otherwise a
+    DataLoader reads it, and under DDP Lightning swaps in a DistributedSampler, so each rank sees its shard.
     """
 
-    def __init__(self, data_cfg, dataset: Dataset | None = None):
+    def __init__(self, data_cfg, dataset: Dataset | None = None, seed: int = 0):
         super().__init__()
         self.cfg = data_cfg
         self.dataset = dataset
+        self.seed = seed
 
     def setup(self, stage: str | None = None):
         if self.dataset is None:
             self.dataset = build_dataset(self.cfg)
 
+    def resident_on(self, device: torch.device) -> bool:
+        if self.cfg.resident is None:
+            return device.type == "cuda" and resident_bytes(self.dataset) <= self.cfg.resident_max_gb * 2**30
+        return self.cfg.resident
+
     def train_dataloader(self):
         if len(self.dataset) < self.cfg.batch_size:
             raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than `data.batch_size`="
                              f"{self.cfg.batch_size}; lower data.batch_size")
+        trainer = self.trainer
+        device = trainer.strategy.root_device
+        if self.resident_on(device):
+            images, labels = stack_dataset(self.dataset, num_workers=self.cfg.num_workers)
+            return ResidentBatches(images.to(device, torch.float16), labels.to(device), self.cfg.batch_size,
+                                   self.seed, trainer.global_rank, trainer.world_size,
+                                   start_step=lambda: trainer.global_step)
         workers = self.cfg.num_workers
         return DataLoader(self.dataset, batch_size=self.cfg.batch_size, shuffle=True, drop_last=True,
                           num_workers=workers, persistent_workers=workers > 0,

@@ -6,11 +6,15 @@ extractor; the distance is ``cleanfid.fid.frechet_distance``. Generated sample `
 drawn with its own generator seeded from ``(sample_seed, i)``, so a score does not depend on the batch
 size or on how many processes share the work.
 """
+import functools
 import importlib.util
+import logging
 import os
+import time
 import platform
 import tempfile
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from cleanfid.resize import build_resizer
 from tqdm.auto import tqdm
+
+log = logging.getLogger("llsa.run")
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 
@@ -44,11 +50,17 @@ class FeatureExtractor:
         # [B, C, H, W] in [0, 1] -> [B, H, W, 3] uint8, as clean-fid reads image files
         pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
         pixels = pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
-        resized = np.stack([resize(p) for p in pixels]).transpose(0, 3, 1, 2)  # [B, 3, 299, 299]
+        # PIL resizes without holding the GIL: threads keep the GPU's feature network fed
+        resized = np.stack(list(_resize_pool().map(resize, pixels))).transpose(0, 3, 1, 2)  # [B, 3, 299, 299]
         # features in fp32 even when the caller samples under bf16 autocast
         with torch.autocast(self.device.type, enabled=False):
             feats = self.fn(torch.from_numpy(np.ascontiguousarray(resized)).to(self.device))
         return feats.double().cpu().numpy()
+
+
+@functools.lru_cache(maxsize=1)
+def _resize_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
 
 def clean_fid_weights_path() -> Path:
@@ -220,7 +232,9 @@ def reference_stats(dataset, extractor: FeatureExtractor, cache_file: Path | Non
         cached = bool(all_gather(torch.tensor([float(cached)])).min())
     if cached:
         stats = np.load(cache_file)
+        log.info("FID reference statistics: reused from %s", cache_file)
         return stats["mu"], stats["sigma"]
+    start = time.perf_counter()
     chosen = reference_indices(len(dataset), max_images)
     mine = [chosen[j] for j in shard(len(chosen), rank, world)]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
@@ -234,6 +248,9 @@ def reference_stats(dataset, extractor: FeatureExtractor, cache_file: Path | Non
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez(tmp, mu=mu, sigma=sigma, count=len(chosen))
         os.replace(tmp, cache_file)
+    where = f"cached at {cache_file}; later runs reuse them" if cache_file is not None else "not cached"
+    log.info("FID reference statistics: computed once from %d training images in %.0f s, %s", len(chosen),
+             time.perf_counter() - start, where)
     return mu, sigma
 
 
@@ -254,18 +271,23 @@ def generated_features(model, flow, extractor: FeatureExtractor, n: int, shape, 
     return gather_shards(local, n, world, all_gather)
 
 
-def score(module, dataset, extractor: FeatureExtractor, stats_dir: str | Path, *, rank: int = 0, world: int = 1,
-          all_gather: Callable | None = None, progress: bool = False) -> float:
-    """FID of ``module``'s EMA weights (a ``DiffusionModule``) against ``dataset``, with its config's eval settings."""
+def score(module, dataset, extractor: FeatureExtractor, stats_dir: str | Path, *, counts: list[int] | None = None,
+          rank: int = 0, world: int = 1, all_gather: Callable | None = None, progress: bool = False) -> dict[int, float]:
+    """FID of ``module``'s EMA weights (a ``DiffusionModule``) against ``dataset``, with its config's eval settings.
+
+    One FID per entry of ``counts`` (default: ``eval.fid_samples``), each over samples ``0..count-1``: the
+    samples are generated once, for the largest count. Returns ``{count: FID}``.
+    """
     cfg = module.cfg
     e, d, f = cfg.eval, cfg.data, cfg.flow
+    counts = sorted(set(counts or [e.fid_samples]))
     name = reference_cache_name(dataset, d.resolution, d.channels, extractor, e.fid_ref_max)
     mu_ref, sigma_ref = reference_stats(dataset, extractor, Path(stats_dir) / name, e.fid_ref_max, e.fid_batch_size,
                                         rank=rank, world=world, all_gather=all_gather, progress=progress)
     with module.eval_autocast():
-        feats = generated_features(module.ema, module.flow, extractor, e.fid_samples,
+        feats = generated_features(module.ema, module.flow, extractor, counts[-1],
                                    (d.channels, d.resolution, d.resolution), e.sample_seed,
                                    batch_size=e.fid_batch_size, steps=f.sample_steps, sampler=f.sampler,
                                    num_classes=cfg.model.num_classes, cfg_scale=f.cfg_scale, device=module.device,
                                    rank=rank, world=world, all_gather=all_gather, progress=progress)
-    return frechet_distance(*statistics(feats), mu_ref, sigma_ref)
+    return {n: frechet_distance(*statistics(feats[:n]), mu_ref, sigma_ref) for n in counts}

@@ -6,6 +6,7 @@ rebuilds the model without the original YAML.
 """
 import contextlib
 import copy
+import math
 
 import lightning as L
 import torch
@@ -40,6 +41,31 @@ def ema_decay_at(step: int, max_decay: float, warmup: bool) -> float:
     return min(max_decay, 1 - (1 + step) ** -0.75)
 
 
+def compile_mode(cfg: DictConfig) -> str | None:
+    """``train.compile`` with ``auto`` resolved: ``default`` on a GPU for runs of >= 1,000 steps, else eager.
+
+    Compiling a DiT-S takes about a minute; a run of a few hundred steps would spend more time compiling
+    than compilation saves (docs/benchmarks.md has the step times).
+    """
+    t = cfg.train
+    if t.compile != "auto":
+        return t.compile
+    on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    return "default" if on_gpu and t.max_steps >= 1000 else None
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, final_ratio: float) -> float:
+    """The learning rate at optimizer step ``step`` as a fraction of ``train.lr``: linear warm-up over
+    ``warmup`` steps, then constant or a cosine / linear decay reaching ``final_ratio`` at step ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return final_ratio + (1 - final_ratio) * shape
+
+
 def resolve_precision(precision: str, on_gpu: bool) -> str:
     """``train.precision``, with ``"auto"`` meaning bf16-mixed on a GPU and 32-true on the CPU."""
     if precision == "auto":
@@ -53,14 +79,14 @@ class DiffusionModule(L.LightningModule):
     def __init__(self, config: dict):
         super().__init__()
         # a plain dict, so the checkpoint's hyper-parameters need no omegaconf classes to load
-        self.save_hyperparameters({"config": config})
+        self.save_hyperparameters({"config": config}, logger=False)
         self.cfg = from_container(config)
         self.model = build_model(self.cfg)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        t = self.cfg.train
-        if t.compile:
+        mode = compile_mode(self.cfg)
+        if mode:
             # in place: parameter names, and so checkpoints and the EMA update, stay those of the eager model
-            self.model.compile(mode=t.compile, backend=t.compile_backend)
+            self.model.compile(mode=mode, backend=self.cfg.train.compile_backend)
         self.flow = build_flow(self.cfg)
         self.generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
@@ -86,6 +112,8 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = self.flow.loss(self.model, x, self.generator, y=y if self.conditional else None)
+        # logged every train.log_every steps, the progress bar refreshed as often: reading the loss waits for
+        # the GPU, so doing it every step would keep the host from queueing the next step ahead
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -108,10 +136,11 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.cfg.train
+        # the fused kernel updates every parameter in a few launches instead of a few per parameter
         opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                                weight_decay=t.weight_decay)
-        warmup = t.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+                                weight_decay=t.weight_decay, fused=self.device.type == "cuda")
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule, t.lr_final_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint):

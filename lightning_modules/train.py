@@ -9,7 +9,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules import fid
-from lightning_modules.callbacks import FIDCallback, SampleGridCallback, StepCheckpoint, ThroughputMonitor, save_grid
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from lightning_modules.callbacks import (FIDCallback, HParamsCallback, SampleGridCallback, StepCheckpoint,
+                                         ThroughputMonitor, save_grid)
 from lightning_modules.config import ConfigError, apply_overrides, from_container, run_dir, save_config
 from lightning_modules.data import ImageDataModule, build_dataset
 from lightning_modules.module import DiffusionModule, resolve_precision
@@ -66,19 +69,25 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 
 def build_trainer(cfg: DictConfig, progress: bool = True):
-    """The Trainer and its callbacks (throughput first, so that its step timing excludes the evaluations)."""
+    """The Trainer and its callbacks (throughput first, so that a window of steps closes before an evaluation
+    at the same step; hparams after the final FID)."""
     rd = run_dir(cfg)
     t = cfg.train
     throughput = ThroughputMonitor(t.warmup_perf_steps, t.log_every)
     fid_cb = FIDCallback(cfg, Path(cfg.run.out_dir) / "fid_stats", progress=progress)
     grid_cb = SampleGridCallback(cfg, rd / "samples")
     ckpt_cb = StepCheckpoint(rd / "checkpoints", t.ckpt_every)
+    callbacks = [throughput, fid_cb, grid_cb, HParamsCallback(cfg, throughput, fid_cb), ckpt_cb]
+    if progress:
+        # the bar reads the logged loss, which waits for the GPU: refresh it only as often as the loss is logged
+        callbacks.append(TQDMProgressBar(refresh_rate=t.log_every))
     trainer = L.Trainer(
         max_steps=t.max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=t.strategy,
         precision=resolve_precision(t.precision, uses_gpu(cfg)), gradient_clip_val=t.grad_clip or None,
-        log_every_n_steps=t.log_every, logger=TensorBoardLogger(save_dir=str(rd), name="", version="tb"),
-        callbacks=[throughput, fid_cb, grid_cb, ckpt_cb], limit_val_batches=0, num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every,
+        logger=TensorBoardLogger(save_dir=str(rd), name="", version="tb", default_hp_metric=False),
+        callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0,
         enable_progress_bar=progress, default_root_dir=str(rd))
     return trainer, throughput, fid_cb, grid_cb
 
@@ -99,9 +108,9 @@ def fit(cfg: DictConfig, dataset=None, progress: bool = True) -> dict:
     if cfg.train.init_from and ckpt is None:
         module.init_from(cfg.train.init_from)
         log.info("initialised from the EMA weights of %s", cfg.train.init_from)
-    trainer.fit(module, datamodule=ImageDataModule(cfg.data, dataset), ckpt_path=ckpt)
+    trainer.fit(module, datamodule=ImageDataModule(cfg.data, dataset, seed=cfg.run.seed), ckpt_path=ckpt)
     return {"run_dir": str(rd), "global_step": trainer.global_step,
-            "fid": fid_cb.history[-1][1] if fid_cb.history else None, "fid_history": fid_cb.history,
+            "fid": fid_cb.final(), "fid_history": fid_cb.history,
             "throughput": throughput.summary(), "grid": str(grid_cb.last_path) if grid_cb.last_path else None,
             "last_ckpt": str(rd / "checkpoints" / "last.ckpt"), "is_global_zero": trainer.is_global_zero}
 
@@ -136,4 +145,5 @@ def fid_checkpoint(ckpt: str | Path, overrides=()) -> float:
     _, dataset = prepare(module.cfg)
     extractor = fid.load_feature_extractor(module.cfg.eval.fid_features, module.device)
     log.info("FID features: %s", extractor.description)
-    return fid.score(module, dataset, extractor, Path(module.cfg.run.out_dir) / "fid_stats", progress=True)
+    stats = Path(module.cfg.run.out_dir) / "fid_stats"
+    return fid.score(module, dataset, extractor, stats, progress=True)[module.cfg.eval.fid_samples]

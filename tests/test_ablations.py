@@ -118,15 +118,22 @@ def test_override_values_read_back_unchanged(value):
     assert OmegaConf.to_container(OmegaConf.from_dotlist([f"k={text}"]))["k"] == value
 
 
+def resolved(grid, run, out: Path):
+    """The config the trainer builds for ``run``: the grid's base file, then exactly its key=value arguments."""
+    from lightning_modules.config import load_config
+
+    return load_config(grid.base, [a for a in command_for(grid, run, out, runner=[]) if "=" in a])
+
+
 @pytest.mark.parametrize("path", GRIDS, ids=[p.stem for p in GRIDS])
-def test_every_grid_file_expands(path):
+def test_every_grid_file_expands(path, tmp_path):
     grid = load_grid(path)
     names = [r.name for r in grid.runs]
     assert grid.runs and len(set(names)) == len(names)
     assert all(re.fullmatch(r"[a-z0-9][a-z0-9._-]*", n) for n in names)
     if path.stem.endswith("_small"):
         # a fair comparison: every run of a small grid trains the same number of steps
-        assert len({r.overrides["train.max_steps"] for r in grid.runs}) == 1
+        assert len({resolved(grid, r, tmp_path).train.max_steps for r in grid.runs}) == 1
         assert all("???" not in map(str, r.overrides.values()) for r in grid.runs)
     else:
         assert all(r.overrides.get("data.path") == "???" for r in grid.runs)
@@ -143,20 +150,17 @@ def test_every_grid_file_expands(path):
 
 @pytest.mark.parametrize("path", GRIDS, ids=[p.stem for p in GRIDS])
 def test_every_run_is_a_valid_trainer_config(path, tmp_path):
-    config = pytest.importorskip("lightning_modules.config")
-    if not hasattr(config, "load_config"):
-        pytest.skip("lightning_modules.config has no load_config yet")
     grid = load_grid(path, extra={"data.path": str(tmp_path)} if not path.stem.endswith("_small") else None)
     for run in grid.runs:
-        # exactly the key=value arguments the trainer gets: unknown keys, bad types and bad settings raise
-        cfg = config.load_config(None, command_for(grid, run, tmp_path, runner=[]))
+        # exactly the arguments the trainer gets: unknown keys, bad types and bad settings raise
+        cfg = resolved(grid, run, tmp_path)
         for key, value in run.varied.items():
             assert OmegaConf.select(cfg, key) == value, (run.name, key)
 
 
 @pytest.mark.parametrize("path", [p for p in GRIDS if p.stem.startswith("table2")],
                          ids=lambda p: p.stem)
-def test_baselines_get_llsa_key_budget(path):
+def test_baselines_get_llsa_key_budget(path, tmp_path):
     from llsa import keys_per_query
 
     try:
@@ -167,9 +171,11 @@ def test_baselines_get_llsa_key_budget(path):
     def opt_budget(opt):
         return {k: opt[k] for k in ("block_size", "topk", "levels", "enrich_levels")}
 
+    grid = load_grid(path, extra={"data.path": str(tmp_path)} if not path.stem.endswith("_small") else None)
     by_res = {}
-    for run in load_grid(path).runs:
-        by_res.setdefault(run.overrides["data.resolution"], []).append(run.overrides)
+    for run in grid.runs:
+        if run.seed in (None, 0):
+            by_res.setdefault(resolved(grid, run, tmp_path).data.resolution, []).append(run.overrides)
     for res, runs in by_res.items():
         (llsa,) = [o for o in runs if o["model.attention.name"] == "llsa"]
         opt = {k.rsplit(".", 1)[-1]: v for k, v in llsa.items() if k.startswith("model.attention.options.")}
@@ -350,21 +356,97 @@ def test_table_from_tensorboard_events(tmp_path, capsys):
     rows = list(csv.DictReader((folder / "table.csv").open()))
     assert [r["label"] for r in rows] == ["Sparse", "Gone", "Full"]
     sparse, gone, full = rows
-    assert float(sparse["fid"]) == pytest.approx(30.5)
-    assert float(sparse["throughput"]) == pytest.approx(np.median(tput_sparse.astype(np.float64)) * 1e-3, rel=1e-9)
-    assert float(full["throughput"]) == pytest.approx(np.median(tput_full.astype(np.float64)) * 1e-3, rel=1e-9)
-    assert float(full["fid"]) == pytest.approx(28.25)
+    assert float(sparse["fid_mean"]) == pytest.approx(30.5) and sparse["fid_std"] == "" and sparse["fid_n"] == "1"
+    assert float(sparse["throughput_mean"]) == pytest.approx(np.median(tput_sparse.astype(np.float64)) * 1e-3,
+                                                             rel=1e-9)
+    assert float(full["throughput_mean"]) == pytest.approx(np.median(tput_full.astype(np.float64)) * 1e-3, rel=1e-9)
+    assert float(full["fid_mean"]) == pytest.approx(28.25)
     assert sparse["fid_paper"] == "24.37" and full["fid_paper"] == "24.91" and full["throughput_paper"] == ""
-    assert gone["fid"] == gone["throughput"] == gone["attn"] == "missing" and gone["status"] == "missing"
+    assert gone["fid_mean"] == gone["throughput_mean"] == gone["attn"] == "missing" and gone["status"] == "missing"
+    assert gone["fid_n"] == "0"
     assert sparse["attn"] == "llsa" and sparse["status"] == "done"
     assert full["status"] == "unfinished; config differs: model.attention.name=vsa"
+    per_run = list(csv.DictReader((folder / "runs.csv").open()))
+    assert [r["run"] for r in per_run] == ["t-sparse", "t-gone", "t-full"]
 
     md = (folder / "table.md").read_text().splitlines()
     header = next(line for line in md if line.startswith("| attention"))
-    assert header.split(" | ")[:5] == ["| attention", "FID", "FID (paper)", "kilo tokens/s", "kilo tokens/s (paper)"]
+    assert header.split(" | ")[:6] == ["| attention", "n", "FID", "FID (paper)", "kilo tokens/s",
+                                       "kilo tokens/s (paper)"]
     gone_line = next(line for line in md if line.startswith("| Gone"))
     assert gone_line.count("missing") == 4
-    assert next(line for line in md if line.startswith("| Sparse")).startswith("| Sparse | 30.50 | 24.37 |")
+    assert next(line for line in md if line.startswith("| Sparse")).startswith("| Sparse | 1 | 30.50 | 24.37 |")
+    # one run per row: no standard deviations, so no differences to mark
+    assert not any("two standard errors" in line for line in md)
+
+
+SEEDS_GRID = """
+seeds: 3
+overrides: {train.max_steps: 3}
+rows:
+  - {label: A, name: a, set: {model.attention.name: full}}
+  - {label: B, name: b, set: {model.attention.name: llsa}}
+  - {label: C, name: c, set: {model.attention.name: vsa}}
+table:
+  columns:
+    - {key: fid, tag: val/fid, reduce: last, header: FID}
+    - {key: throughput, tag: perf/tokens_per_s, reduce: median, header: tokens/s}
+  plot: {x: throughput, y: fid}
+  curve: val/fid_curve
+"""
+
+
+def test_seeds_give_a_run_each_and_the_table_their_mean_spread_and_separated_pairs(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    grid_path = write_grid(tmp_path, SEEDS_GRID, name="s")
+    grid = load_grid(grid_path)
+    assert [r.name for r in grid.runs] == [f"s-{row}-s{k}" for row in "abc" for k in range(3)]
+    assert [r.overrides["run.seed"] for r in grid.runs[:3]] == [0, 1, 2] and grid.runs[4].seed == 1
+    assert [r.name for r in load_grid(grid_path, seeds=2).runs][:2] == ["s-a-s0", "s-a-s1"]
+    with pytest.raises(GridError, match="run.seed"):
+        load_grid(grid_path, {"run.seed": 4})
+    with pytest.raises(GridError, match="seeds"):
+        load_grid(write_grid(tmp_path, "seeds: [1, 1]\nrows: [{label: a}]", name="bad"))
+
+    # A: 10, 11, 12; B: 20, 21, 22 (separated from A); C: 9, 15, 21 (too spread to separate from either)
+    fids = {"a": [10.0, 11.0, 12.0], "b": [20.0, 21.0, 22.0], "c": [9.0, 15.0, 21.0]}
+    out = tmp_path / "runs"
+    for row, values in fids.items():
+        for k, value in enumerate(values):
+            run_dir = out / f"s-{row}-s{k}"
+            writer = SummaryWriter(str(run_dir / "tb"))
+            writer.add_scalar("perf/tokens_per_s", 100.0 + k, 1)
+            for step, curve in ((100, 2 * value), (300, 1.1 * value), (400, value)):
+                writer.add_scalar("val/fid_curve", curve, step)
+            writer.add_scalar("val/fid", value, 400)
+            writer.close()
+            (run_dir / "DONE").write_text("{}")
+    assert main_table([str(grid_path), "--out", str(out)]) == 0
+    folder = out / "s"
+    rows = {r["label"]: r for r in csv.DictReader((folder / "table.csv").open())}
+    assert float(rows["A"]["fid_mean"]) == pytest.approx(11.0) and float(rows["A"]["fid_std"]) == pytest.approx(1.0)
+    assert float(rows["C"]["fid_std"]) == pytest.approx(6.0) and rows["C"]["fid_n"] == "3"
+    assert rows["B"]["status"] == "3 done" and rows["B"]["runs"] == "s-b-s0 s-b-s1 s-b-s2"
+    md = (folder / "table.md").read_text()
+    assert "| A | 3 | 11.00 ± 1.00 | 101.00 ± 1.00 | 3 done | `s-a-s*` (3) |" in md
+    # A - B = -10, standard error sqrt(1/3 + 1/3) = 0.82: separated; A - C = -4, SE 3.5: not
+    assert "| (1) A |  | **-10.00** | -4.00 |" in md
+    assert "1 of 3 pairs differ by more than two standard errors." in md
+    # the curve: 1.1 x the final FID at step 300 = three quarters of 400
+    assert "| A | 3 | 300 | 12.10 | 400 | 11.00 | 0.909 |" in md
+    for png in ("fid_vs_throughput.png", "val_fid_curve.png"):
+        assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pack_runs_several_at_once_on_one_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    grid = write_grid(tmp_path, "seeds: 2\nrows: [{label: a}, {label: b}]", name="g")
+    out = tmp_path / "runs"
+    assert main_ablate([str(grid), "--out", str(out), "--gpus", "1", "--pack", "2", "--runner", RUNNER]) == 0
+    seen = [json.loads((out / f"g-{x}-s{k}" / "seen.json").read_text()) for x in "ab" for k in range(2)]
+    assert {s["gpu"] for s in seen} == {"3"} and [s["args"]["run.seed"] for s in seen] == ["0", "1", "0", "1"]
+    assert main_ablate([str(grid), "--out", str(out), "--pack", "0", "--runner", RUNNER]) == 2
 
 
 @pytest.mark.parametrize("name", ["table1a_small", "table2_small"])

@@ -119,3 +119,39 @@ def test_procedural_is_deterministic_and_labelled():
         assert xa.shape == (3, 16, 16) and xa.min() >= -1 and xa.max() <= 1
     assert not torch.equal(a[0][0], a[1][0])
     assert not torch.equal(a[0][0], ProceduralDataset(16, size=8, seed=1)[0][0])
+
+
+def test_resident_batches_are_the_datasets_images_drawn_by_step_and_sharded_by_rank(tmp_path):
+    write_fashion_mnist(tmp_path, n=7)
+    fmnist = FashionMNISTDataset(tmp_path, 16, channels=3)
+    images, labels = data.stack_dataset(fmnist, batch_size=3)
+    for i in range(7):
+        torch.testing.assert_close(images[i], fmnist[i][0], rtol=0, atol=0)
+        assert labels[i] == fmnist[i][1]
+
+    procedural = ProceduralDataset(8, size=10)
+    images, labels = data.stack_dataset(procedural, batch_size=4)
+    assert images.shape == (10, 3, 8, 8) and torch.equal(images[6], procedural[6][0])
+    stored = images.half()
+
+    def batches(rank, start=0, count=6):
+        it = iter(data.ResidentBatches(stored, labels, batch_size=2, seed=3, rank=rank, world=2,
+                                       start_step=lambda: start))
+        return [next(it) for _ in range(count)]
+
+    rank0, rank1 = batches(0), batches(1)
+    # 10 images, 2 ranks, batches of 2: two batches a rank per epoch, and in an epoch the ranks' 8 images differ
+    first0 = torch.cat([x for x, _ in rank0[:2]])
+    first1 = torch.cat([x for x, _ in rank1[:2]])
+    rows = [tuple(r.flatten().tolist()) for r in torch.cat([first0, first1])]
+    assert len(set(rows)) == 8
+    # every batch is made of the dataset's images (float16-rounded), as float32
+    x, _ = rank0[3]
+    assert x.dtype == torch.float32
+    assert all(any(torch.equal(img, ref) for ref in stored.float()) for img in x)
+    # epochs reshuffle, and batch s depends only on (seed, rank, s): a resumed iterator continues exactly
+    assert not torch.equal(torch.cat([x for x, _ in rank0[:2]]), torch.cat([x for x, _ in rank0[2:4]]))
+    for (xa, ya), (xb, yb) in zip(rank0[3:], batches(0, start=3, count=3)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    with pytest.raises(ValueError, match="fewer than `data.batch_size`"):
+        data.ResidentBatches(stored, labels, batch_size=6, seed=0, world=2)

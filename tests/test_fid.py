@@ -33,7 +33,7 @@ def test_fid_callback_matches_clean_fid_on_folders(tmp_path):
         f"eval.fid_samples={n}", "eval.fid_batch_size=5", f"eval.fid_ref_max={n_ref}", "eval.fid_features=tiny",
         "eval.grid_size=1", "flow.sample_steps=2"])
     summary = fit(cfg, progress=False)
-    assert [step for step, _ in summary["fid_history"]] == [2]
+    assert [(step, tag, count) for step, tag, count, _ in summary["fid_history"]] == [(2, "val/fid", n)]
     assert len(list((tmp_path / "fid_stats").glob("procedural-*-8px-c3-tiny-n24.npz"))) == 1
 
     # The same samples (other batch size: per-sample seeds make it irrelevant) and reference images as
@@ -114,9 +114,12 @@ def test_fid_under_ddp_matches_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = EventAccumulator(str(tmp_path / "runs" / "default" / "tb"))
     events.Reload()
-    # step 1 computes the reference statistics, step 2 reads them from the cache
-    first, logged = events.Scalars("val/fid")
-    assert (first.step, logged.step) == (1, 2)
+    # step 1 computes the reference statistics, step 2 reads them from the cache, and the log says so
+    assert [e.step for e in events.Scalars("val/fid_curve")] == [1, 2]
+    (logged,) = events.Scalars("val/fid")
+    assert logged.step == 2 and logged.value == events.Scalars("val/fid_curve")[-1].value
+    assert proc.stderr.count("FID reference statistics: computed once from 9 training images") == 1
+    assert proc.stderr.count("FID reference statistics: reused from") == 1
     (tmp_path / "runs" / "fid_stats").rename(tmp_path / "ddp_stats")  # make the single process recompute them
     single = fid_checkpoint(tmp_path / "runs" / "default" / "checkpoints" / "last.ckpt",
                             [f"run.out_dir={tmp_path / 'single'}"])

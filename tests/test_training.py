@@ -85,16 +85,19 @@ def test_compiled_model_trains_and_keeps_eager_parameter_names(tmp_path):
         tiny_config(tmp_path, "bad", **{"train.compile": "fastest"})
 
 
-def test_resume_from_last_continues_exactly(tmp_path):
-    # One image in batches of one: every step sees the same data whatever the loader's shuffling (which
-    # Lightning does not replay mid-epoch), so the runs must agree.
-    data = ProceduralDataset(8, size=1)
-    fit(tiny_config(tmp_path, "straight", batch_size=1, **{"train.max_steps": 4, "train.ckpt_every": 2}), dataset=data,
+@pytest.mark.parametrize("resident", [False, True])
+def test_resume_from_last_continues_exactly(tmp_path, resident):
+    # A DataLoader's shuffling is not replayed mid-epoch by Lightning, so that case trains on one image in
+    # batches of one; resident batches depend only on the step, so there the epoch (3 batches) is shuffled.
+    data = ProceduralDataset(8, size=6 if resident else 1)
+    args = {"train.ckpt_every": 2, "data.resident": resident}
+    batch = 2 if resident else 1
+    fit(tiny_config(tmp_path, "straight", batch_size=batch, **{"train.max_steps": 4}, **args), dataset=data,
         progress=False)
-    fit(tiny_config(tmp_path, "resumed", batch_size=1, **{"train.max_steps": 2, "train.ckpt_every": 2}), dataset=data,
+    fit(tiny_config(tmp_path, "resumed", batch_size=batch, **{"train.max_steps": 2}, **args), dataset=data,
         progress=False)
-    summary = fit(tiny_config(tmp_path, "resumed", batch_size=1, **{"train.max_steps": 4, "train.ckpt_every": 2,
-                                                      "train.ckpt_path": "last"}), dataset=data, progress=False)
+    summary = fit(tiny_config(tmp_path, "resumed", batch_size=batch, **{"train.max_steps": 4, "train.ckpt_path": "last"},
+                              **args), dataset=data, progress=False)
     assert summary["global_step"] == 4
     ckpts = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
     assert ckpts == ["last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"]
@@ -132,6 +135,17 @@ def test_init_from_copies_the_lowres_ema(tmp_path):
         torch.testing.assert_close(module.ema.state_dict()[key], value)
 
 
+def test_lr_schedules_warm_up_then_decay_to_the_final_ratio():
+    from lightning_modules.module import lr_factor
+
+    assert [lr_factor(s, 4, 20, "constant", 0.0) for s in (0, 3, 4, 19)] == [0.25, 1.0, 1.0, 1.0]
+    cosine = [lr_factor(s, 4, 20, "cosine", 0.1) for s in range(20)]
+    assert cosine[4] == pytest.approx(1.0) and cosine[12] == pytest.approx(0.55) and cosine[19] > 0.1
+    assert lr_factor(20, 4, 20, "cosine", 0.1) == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(cosine[4:], cosine[5:]))
+    assert lr_factor(12, 4, 20, "linear", 0.0) == pytest.approx(0.5)
+
+
 def test_ema_decay_warmup():
     assert ema_decay_at(0, 0.9999, True) == 0.0
     assert ema_decay_at(1, 0.9999, True) == pytest.approx(1 - 2 ** -0.75)
@@ -139,29 +153,39 @@ def test_ema_decay_warmup():
     assert ema_decay_at(0, 0.99, False) == 0.99
 
 
-def test_throughput_counts_pixel_tokens_after_warmup(monkeypatch):
+def test_throughput_counts_pixel_tokens_after_warmup_and_leaves_out_evaluations(monkeypatch):
     logged = []
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
-    trainer = SimpleNamespace(global_step=0, world_size=2, is_global_zero=True, loggers=[logger])
+    evaluation = SimpleNamespace(seconds=0.0)
+    monkeypatch.setattr("lightning_modules.callbacks.EvaluationCallback", SimpleNamespace)
+    trainer = SimpleNamespace(global_step=0, world_size=2, is_global_zero=True, loggers=[logger],
+                              callbacks=[evaluation])
     module = SimpleNamespace(device=torch.device("cpu"))
-    clock = iter(range(0, 1000, 2))  # every step takes exactly 2 "seconds"
-    monkeypatch.setattr("lightning_modules.callbacks.time.perf_counter", lambda: next(clock))
+    now = [0.0]
+    monkeypatch.setattr("lightning_modules.callbacks.time.perf_counter", lambda: now[0])
     monitor = ThroughputMonitor(warmup_steps=3, log_every=4)
     batch = (torch.zeros(5, 1, 6, 7), torch.zeros(5))
-    for step in range(1, 9):
+    for step in range(1, 10):
         monitor.on_train_batch_start(trainer, module, batch, step - 1)
+        # every step takes 2 "seconds"; an evaluation after step 6 takes 5 more, inside the window
+        now[0] += 2
         trainer.global_step = step
         monitor.on_train_batch_end(trainer, module, None, batch, step - 1)
-    # steps 4..8 are timed; each is 5 images per rank x 2 ranks of 6 x 7 pixels
-    assert monitor.steps == 5 and monitor.images == 50 and monitor.tokens == 50 * 42
+        if step == 6:
+            now[0] += 5
+            evaluation.seconds += 5
+    monitor.on_train_end(trainer, module)
+    # steps 4..9 are timed; each is 5 images per rank x 2 ranks of 6 x 7 pixels
+    assert monitor.steps == 6 and monitor.images == 60 and monitor.tokens == 60 * 42
     summary = monitor.summary()
-    assert summary["perf/tokens_per_s"] == pytest.approx(50 * 42 / 10)
+    assert summary["perf/tokens_per_s"] == pytest.approx(60 * 42 / 12)
     assert summary["perf/images_per_s"] == pytest.approx(5.0)
     assert summary["perf/step_ms"] == pytest.approx(2000.0)
-    # logged at steps 4 (one timed step) and 8 (steps 5..8)
-    assert [step for step, _ in logged] == [4, 8]
+    # logged at steps 4 (one timed step), 8 (steps 5..8, the evaluation left out) and 9 (the end)
+    assert [step for step, _ in logged] == [4, 8, 9]
     assert logged[0][1]["perf/tokens_per_s"] == pytest.approx(10 * 42 / 2)
     assert logged[1][1]["perf/tokens_per_s"] == pytest.approx(40 * 42 / 8)
+    assert logged[2][1]["perf/step_ms"] == pytest.approx(2000.0)
     assert logged[1][1]["perf/peak_mem_gb"] > 0
 
 
