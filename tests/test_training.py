@@ -197,3 +197,29 @@ def test_class_conditional_fit_takes_the_class_count_from_the_data(tmp_path):
     module = DiffusionModule(OmegaConf.to_container(saved))
     assert module.model.y_embed.num_embeddings == 5  # 4 classes + the null class
     assert Image.open(summary["grid"]).size == (2 * 9 + 1, 9 + 1)
+
+
+def test_hparams_and_their_metrics_read_back_from_the_event_files(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from lightning_modules.callbacks import HPARAM_KEYS
+
+    args = {"train.max_steps": 3, "run.seed": 7, "eval.fid_samples": 3, "eval.fid_features": "tiny",
+            "eval.fid_ref_max": 4, "model.attention.options.topk": 3}
+    summary = fit(tiny_config(tmp_path, "hp", "llsa", **args), progress=False)
+    events = EventAccumulator(str(tmp_path / "hp" / "tb"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    values = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert set(values) == set(HPARAM_KEYS)
+    assert values["model.attention.name"] == "llsa" and values["run.seed"] == 7
+    assert values["model.attention.options.topk"] == 3 and values["model.attention.options.levels"] == "default"
+    metrics = {m.name.tag for m in experiment.metric_infos}
+    assert metrics == {"hparams/fid", "hparams/tokens_per_s", "hparams/peak_mem_gb"}
+    (fid_point,) = events.Scalars("hparams/fid")
+    assert fid_point.value == pytest.approx(summary["fid"], rel=1e-6)
+    assert events.Scalars("hparams/tokens_per_s")[0].value == pytest.approx(
+        summary["throughput"]["perf/tokens_per_s"], rel=1e-6)
