@@ -3,6 +3,8 @@
     python run.py [fit] [CONFIG.yaml] [key=value ...]    train (the embedded default with no arguments)
     python run.py sample CKPT [--out PNG] [key=value ...]  a grid of EMA samples (eval.grid_size, flow.*)
     python run.py fid CKPT [key=value ...]               FID of a checkpoint (eval.fid_samples, ...)
+    python run.py picks CKPT [--out PNG] [--layer I] [--head H] [--query ROW,COL ...] [key=value ...]
+                                                         the key blocks LLSA picks for a few query pixels
     python run.py bench [...]                            attention kernel benchmark (ablations/bench.py)
     python run.py ablate GRID [...]                      run an ablation grid (ablations/grid.py)
     python run.py table GRID [...]                       tabulate an ablation grid (ablations/table.py)
@@ -22,7 +24,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-COMMANDS = ("fit", "sample", "fid", "bench", "ablate", "table")
+COMMANDS = ("fit", "sample", "fid", "picks", "bench", "ablate", "table")
 FORWARDED = {"bench": ("ablations.bench", "main"), "ablate": ("ablations.grid", "main_ablate"),
              "table": ("ablations.table", "main_table")}
 
@@ -77,6 +79,32 @@ def cmd_fid(args: list[str]) -> int:
     return 0
 
 
+def pixel(text: str) -> tuple[int, int]:
+    row, sep, col = text.partition(",")
+    if not sep or not row.strip().isdigit() or not col.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROW,COL (pixels from the top left, e.g. 8,24)")
+    return int(row), int(col)
+
+
+def cmd_picks(args: list[str]) -> int:
+    from lightning_modules.picks import picks_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="run.py picks",
+        description="Draw the key blocks LLSA picks at each level, and the enriched coarse tokens, for a few query "
+                    "pixels of an image the checkpoint's EMA model generates (one PNG)")
+    parser.add_argument("ckpt")
+    parser.add_argument("--out", help="PNG path (default: next to the run's sample grids)")
+    parser.add_argument("--layer", type=int, help="attention layer (block) to show (default: the middle one)")
+    parser.add_argument("--head", type=int, default=0, help="attention head to show (default: 0)")
+    parser.add_argument("--query", type=pixel, action="append", metavar="ROW,COL",
+                        help="a query pixel; repeat for more (default: one at the centre of each quarter)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.sample_seed=3 flow.sample_steps=50")
+    ns = parser.parse_intermixed_args(args)
+    print(f"Picks: {picks_checkpoint(ns.ckpt, ns.out, ns.overrides, ns.layer, ns.head, ns.query)}")
+    return 0
+
+
 def cmd_forward(command: str, args: list[str]) -> int:
     module_name, function = FORWARDED[command]
     try:
@@ -102,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in FORWARDED:
             return cmd_forward(command, argv)
-        return {"fit": cmd_fit, "sample": cmd_sample, "fid": cmd_fid}[command](argv)
+        return {"fit": cmd_fit, "sample": cmd_sample, "fid": cmd_fid, "picks": cmd_picks}[command](argv)
     except (ConfigError, DataNotFoundError, FIDWeightsError) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         return 2

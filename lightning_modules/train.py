@@ -13,6 +13,7 @@ from lightning_modules.callbacks import FIDCallback, SampleGridCallback, StepChe
 from lightning_modules.config import ConfigError, apply_overrides, from_container, run_dir, save_config
 from lightning_modules.data import ImageDataModule, build_dataset
 from lightning_modules.module import DiffusionModule, resolve_precision
+from lightning_modules.picks import PicksCallback
 
 log = logging.getLogger("llsa.run")
 
@@ -78,7 +79,8 @@ def build_trainer(cfg: DictConfig, progress: bool = True):
         strategy=t.strategy,
         precision=resolve_precision(t.precision, uses_gpu(cfg)), gradient_clip_val=t.grad_clip or None,
         log_every_n_steps=t.log_every, logger=TensorBoardLogger(save_dir=str(rd), name="", version="tb"),
-        callbacks=[throughput, fid_cb, grid_cb, ckpt_cb], limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[throughput, fid_cb, grid_cb, ckpt_cb, PicksCallback(cfg)],
+        limit_val_batches=0, num_sanity_val_steps=0,
         enable_progress_bar=progress, default_root_dir=str(rd))
     return trainer, throughput, fid_cb, grid_cb
 
