@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_modules.config import ConfigError
     from lightning_modules.data import DataNotFoundError
     from lightning_modules.fid import FIDWeightsError
+    from lightning_modules.runs import CheckpointError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if command in FORWARDED:
             return cmd_forward(command, argv)
         return {"fit": cmd_fit, "sample": cmd_sample, "fid": cmd_fid, "picks": cmd_picks}[command](argv)
-    except (ConfigError, DataNotFoundError, FIDWeightsError) as err:
+    except (ConfigError, DataNotFoundError, FIDWeightsError, CheckpointError) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         return 2
 

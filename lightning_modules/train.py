@@ -14,6 +14,7 @@ from lightning_modules.config import ConfigError, apply_overrides, from_containe
 from lightning_modules.data import ImageDataModule, build_dataset
 from lightning_modules.module import DiffusionModule, resolve_precision
 from lightning_modules.picks import PicksCallback
+from lightning_modules.runs import check_start, read_checkpoint
 
 log = logging.getLogger("llsa.run")
 
@@ -92,6 +93,8 @@ def fit(cfg: DictConfig, dataset=None, progress: bool = True) -> dict:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     cfg, dataset = prepare(cfg, dataset)
     rd = run_dir(cfg)
+    # before anything is written: an existing run is never mixed into, a resume must match its checkpoint
+    check_start(cfg)
     trainer, throughput, fid_cb, grid_cb = build_trainer(cfg, progress)
     setup_logging(rd if trainer.is_global_zero else None, trainer.is_global_zero)
     if trainer.is_global_zero:
@@ -110,11 +113,8 @@ def fit(cfg: DictConfig, dataset=None, progress: bool = True) -> dict:
 
 def load_module(ckpt: str | Path, overrides=(), device=None) -> DiffusionModule:
     """The module of a checkpoint, its stored config updated by ``key=value`` overrides (e.g. sampling settings)."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    stored = state.get("hyper_parameters", {}).get("config")
-    if stored is None:
-        raise ValueError(f"{str(ckpt)!r} holds no run config; is it a checkpoint written by `run.py fit`?")
-    cfg = apply_overrides(from_container(stored), overrides)
+    state = read_checkpoint(ckpt)
+    cfg = apply_overrides(from_container(state["hyper_parameters"]["config"]), overrides)
     module = DiffusionModule(OmegaConf.to_container(cfg, resolve=True))
     module.load_state_dict(state["state_dict"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -135,6 +135,9 @@ def fid_checkpoint(ckpt: str | Path, overrides=()) -> float:
     """FID of a checkpoint's EMA weights with its config's ``eval.*`` settings (override e.g. eval.fid_samples=10000)."""
     setup_logging(None)
     module = load_module(ckpt, overrides)
+    if module.cfg.eval.fid_samples == 0:
+        raise ConfigError("`eval.fid_samples`=0 turns FID off; give the number of samples to score, "
+                          "e.g. eval.fid_samples=1000")
     _, dataset = prepare(module.cfg)
     extractor = fid.load_feature_extractor(module.cfg.eval.fid_features, module.device)
     log.info("FID features: %s", extractor.description)

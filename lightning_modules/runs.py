@@ -1,0 +1,103 @@
+"""Run folders and checkpoints, checked before anything is written.
+
+A run folder holds one training: a fresh start under the name of an existing run is refused, and a
+resume is checked against the config stored in its checkpoint, so two runs never mix in one folder and
+a failed resume leaves the folder as it was.
+"""
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.config import ConfigError, from_container, run_dir
+
+# Keys a resumed run may change: where the run lives, when training stops, evaluation, logging, the hardware
+# it runs on, how the same model is executed, and sampling settings that only evaluations use.
+RESUMABLE = ("run.name", "run.out_dir", "train.max_steps", "train.ckpt_path", "train.init_from", "train.log_every",
+             "train.ckpt_every", "train.warmup_perf_steps", "train.devices", "train.num_nodes", "train.strategy",
+             "train.accelerator", "train.compile", "train.compile_backend", "data.num_workers", "data.path",
+             "flow.sample_steps", "flow.sampler", "flow.cfg_scale", "model.attention.options.backend",
+             "model.attention.options.deterministic", "eval.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or not written by ``run.py fit``; the message says which."""
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """The checkpoint at ``path`` (on the CPU), with its stored run config under ``hyper_parameters.config``.
+    ``mmap`` maps the tensors instead of reading them, for a look at the config alone."""
+    path = Path(path)
+    hint = "pass a .ckpt written by `run.py fit`, e.g. runs/NAME/checkpoints/last.ckpt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; {hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as err:  # truncated zip, pickle garbage, not a torch file at all: all say the same
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r} (truncated or not a checkpoint: {reason}); "
+                              f"{hint}") from None
+    stored = state.get("hyper_parameters", {}).get("config") if isinstance(state, dict) else None
+    if not isinstance(stored, dict) or "state_dict" not in state:
+        raise CheckpointError(f"{str(path)!r} holds no run config and weights, so it was not written by "
+                              f"`run.py fit`; {hint}")
+    return state
+
+
+def _flat(cfg: DictConfig) -> dict:
+    out = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def config_differences(stored: DictConfig, cfg: DictConfig) -> list[str]:
+    """``key (stored -> now)`` for every key outside :data:`RESUMABLE` whose value differs."""
+    old, new = _flat(stored), _flat(cfg)
+    diffs = []
+    for key in sorted(old.keys() | new.keys()):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE):
+            continue
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key} ({old.get(key)} -> {new.get(key)})")
+    return diffs
+
+
+def check_start(cfg: DictConfig) -> str | None:
+    """Check, before anything is written, that ``cfg`` (resolved by ``prepare``) may start or resume its run;
+    returns the checkpoint to resume from (None: a fresh start). Raises ConfigError or CheckpointError.
+
+    - no ``train.ckpt_path``: the run folder must not hold an earlier run;
+    - ``train.ckpt_path=last``: resumes ``last.ckpt`` if the folder has one, else starts in the folder;
+    - a path: that checkpoint must be readable;
+    and a checkpoint resumed must have been written with the same config, up to :data:`RESUMABLE` keys.
+    """
+    rd = run_dir(cfg)
+    path = cfg.train.ckpt_path
+    if path is None:
+        # Other ranks start once rank 0 has written the folder (Lightning's launcher re-runs the script).
+        if rank_zero_only.rank == 0 and rd.is_dir() and any(rd.iterdir()):
+            held = ", ".join(sorted(p.name for p in rd.iterdir())[:4])
+            raise ConfigError(f"run folder {str(rd)!r} already holds a run ({held}); resume it with "
+                              f"train.ckpt_path=last, or start a new run with another run.name=...")
+        return None
+    if path == "last":
+        last = rd / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            return None
+        path = str(last)
+    stored = from_container(read_checkpoint(path, mmap=True)["hyper_parameters"]["config"])
+    diffs = config_differences(stored, cfg)
+    if diffs:
+        raise ConfigError(f"cannot resume {path}: its run was trained with other settings, which cannot change "
+                          f"on resume: {'; '.join(diffs)}. Drop those overrides, or start a new run with "
+                          "another run.name=... (train.init_from=CKPT starts it from the checkpoint's weights)")
+    return path
