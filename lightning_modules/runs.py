@@ -1,16 +1,20 @@
-"""Run folders and checkpoints, checked before anything is written.
+"""Run folders and checkpoints checked before anything is written, and what a run's ``log.txt`` records.
 
 A run folder holds one training: a fresh start under the name of an existing run is refused, and a
 resume is checked against the config stored in its checkpoint, so two runs never mix in one folder and
 a failed resume leaves the folder as it was.
 """
+import logging
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.config import ConfigError, from_container, run_dir
+
+log = logging.getLogger("llsa.run")
 
 # Keys a resumed run may change: where the run lives, when training stops, evaluation, logging, the hardware
 # it runs on, how the same model is executed, and sampling settings that only evaluations use.
@@ -101,3 +105,50 @@ def check_start(cfg: DictConfig) -> str | None:
                           f"on resume: {'; '.join(diffs)}. Drop those overrides, or start a new run with "
                           "another run.name=... (train.init_from=CKPT starts it from the checkpoint's weights)")
     return path
+
+
+def to_log_file(message: str, level: int = logging.INFO, exc_info=None) -> None:
+    """``message`` into the run's ``log.txt`` only (the file handlers ``setup_logging`` added), not the terminal."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, exc_info)
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def log_summary(summary: dict) -> None:
+    """The end of a run in ``log.txt``: final FID, throughput, sample grid and checkpoint."""
+    to_log_file(f"finished at step {summary['global_step']}; run folder {summary['run_dir']}")
+    if summary["fid"] is not None:
+        to_log_file(f"final FID at step {summary['global_step']}: {summary['fid']:.3f}")
+    perf = summary["throughput"]
+    if perf:
+        to_log_file(f"throughput: {perf['perf/tokens_per_s']:,.0f} pixel tokens/s, {perf['perf/images_per_s']:.1f} "
+                    f"images/s, {perf['perf/step_ms']:.0f} ms/step, peak memory {perf['perf/peak_mem_gb']:.2f} GiB")
+    if summary["grid"]:
+        to_log_file(f"samples: {summary['grid']}")
+    to_log_file(f"checkpoint: {summary['last_ckpt']} (resume with train.ckpt_path=last)")
+
+
+def log_error(err: BaseException) -> None:
+    """A run's error in ``log.txt``: the one line the user sees, and the traceback for unexpected ones."""
+    if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        to_log_file("interrupted", logging.ERROR)
+        return
+    expected = isinstance(err, (ConfigError, CheckpointError, FileNotFoundError))
+    to_log_file(f"error: {err}" if str(err) else f"error: {type(err).__name__}", logging.ERROR,
+                None if expected else (type(err), err, err.__traceback__))
+
+
+class LossLog(Callback):
+    """``train/loss`` into ``log.txt`` every ``every`` steps (rank 0; the terminal has the progress bar)."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not trainer.is_global_zero or step % self.every:
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            to_log_file(f"step {step}: train/loss {float(loss):.4f}")

@@ -14,7 +14,7 @@ from lightning_modules.config import ConfigError, apply_overrides, from_containe
 from lightning_modules.data import ImageDataModule, build_dataset
 from lightning_modules.module import DiffusionModule, resolve_precision
 from lightning_modules.picks import PicksCallback
-from lightning_modules.runs import check_start, read_checkpoint
+from lightning_modules.runs import LossLog, check_start, log_error, log_summary, read_checkpoint
 
 log = logging.getLogger("llsa.run")
 
@@ -80,7 +80,7 @@ def build_trainer(cfg: DictConfig, progress: bool = True):
         strategy=t.strategy,
         precision=resolve_precision(t.precision, uses_gpu(cfg)), gradient_clip_val=t.grad_clip or None,
         log_every_n_steps=t.log_every, logger=TensorBoardLogger(save_dir=str(rd), name="", version="tb"),
-        callbacks=[throughput, fid_cb, grid_cb, ckpt_cb, PicksCallback(cfg)],
+        callbacks=[throughput, fid_cb, grid_cb, ckpt_cb, PicksCallback(cfg), LossLog(t.log_every)],
         limit_val_batches=0, num_sanity_val_steps=0,
         enable_progress_bar=progress, default_root_dir=str(rd))
     return trainer, throughput, fid_cb, grid_cb
@@ -104,11 +104,17 @@ def fit(cfg: DictConfig, dataset=None, progress: bool = True) -> dict:
     if cfg.train.init_from and ckpt is None:
         module.init_from(cfg.train.init_from)
         log.info("initialised from the EMA weights of %s", cfg.train.init_from)
-    trainer.fit(module, datamodule=ImageDataModule(cfg.data, dataset), ckpt_path=ckpt)
-    return {"run_dir": str(rd), "global_step": trainer.global_step,
-            "fid": fid_cb.history[-1][1] if fid_cb.history else None, "fid_history": fid_cb.history,
-            "throughput": throughput.summary(), "grid": str(grid_cb.last_path) if grid_cb.last_path else None,
-            "last_ckpt": str(rd / "checkpoints" / "last.ckpt"), "is_global_zero": trainer.is_global_zero}
+    try:
+        trainer.fit(module, datamodule=ImageDataModule(cfg.data, dataset), ckpt_path=ckpt)
+    except BaseException as err:
+        log_error(err)
+        raise
+    summary = {"run_dir": str(rd), "global_step": trainer.global_step,
+               "fid": fid_cb.history[-1][1] if fid_cb.history else None, "fid_history": fid_cb.history,
+               "throughput": throughput.summary(), "grid": str(grid_cb.last_path) if grid_cb.last_path else None,
+               "last_ckpt": str(rd / "checkpoints" / "last.ckpt"), "is_global_zero": trainer.is_global_zero}
+    log_summary(summary)
+    return summary
 
 
 def load_module(ckpt: str | Path, overrides=(), device=None) -> DiffusionModule:
