@@ -4,6 +4,7 @@ A run folder holds one training: a fresh start under the name of an existing run
 resume is checked against the config stored in its checkpoint, so two runs never mix in one folder and
 a failed resume leaves the folder as it was.
 """
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.config import ConfigError, from_container, run_dir
+from lightning_modules.fid import FIDWeightsError
+from llsa.attention import options_for
 
 log = logging.getLogger("llsa.run")
 
@@ -50,6 +53,11 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
 
 
 def _flat(cfg: DictConfig) -> dict:
+    """Dotted key -> value of a config, attention options spelt out in full (a default given or left out
+    is the same setting)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    attention = data["model"]["attention"]
+    attention["options"] = dataclasses.asdict(options_for(attention["name"], **attention["options"]))
     out = {}
 
     def walk(node, prefix):
@@ -59,7 +67,7 @@ def _flat(cfg: DictConfig) -> dict:
         else:
             out[prefix[:-1]] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(data, "")
     return out
 
 
@@ -134,7 +142,7 @@ def log_error(err: BaseException) -> None:
     if isinstance(err, (KeyboardInterrupt, SystemExit)):
         to_log_file("interrupted", logging.ERROR)
         return
-    expected = isinstance(err, (ConfigError, CheckpointError, FileNotFoundError))
+    expected = isinstance(err, (ConfigError, CheckpointError, FileNotFoundError, FIDWeightsError))
     to_log_file(f"error: {err}" if str(err) else f"error: {type(err).__name__}", logging.ERROR,
                 None if expected else (type(err), err, err.__traceback__))
 
