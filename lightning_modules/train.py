@@ -14,7 +14,7 @@ from lightning_modules.config import ConfigError, apply_overrides, from_containe
 from lightning_modules.data import ImageDataModule, build_dataset
 from lightning_modules.module import DiffusionModule, resolve_precision
 from lightning_modules.picks import PicksCallback
-from lightning_modules.runs import LossLog, check_start, log_error, log_summary, read_checkpoint
+from lightning_modules.runs import CheckpointError, LossLog, check_start, log_error, log_summary, read_checkpoint
 
 log = logging.getLogger("llsa.run")
 
@@ -122,7 +122,12 @@ def load_module(ckpt: str | Path, overrides=(), device=None) -> DiffusionModule:
     state = read_checkpoint(ckpt)
     cfg = apply_overrides(from_container(state["hyper_parameters"]["config"]), overrides)
     module = DiffusionModule(OmegaConf.to_container(cfg, resolve=True))
-    module.load_state_dict(state["state_dict"])
+    try:
+        module.load_state_dict(state["state_dict"])
+    except RuntimeError:
+        raise CheckpointError(f"the weights of {str(ckpt)!r} do not fit the model its config and the overrides "
+                              f"{list(overrides)} describe; override sampling and evaluation settings (flow.*, "
+                              "eval.*), not the model's") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return module.to(device).eval()
 

@@ -93,6 +93,19 @@ def test_a_resume_with_other_settings_is_refused_before_anything_is_written(trai
     assert snapshot(rd) == before
 
 
+def test_a_resume_may_spell_out_an_attention_option_at_its_default(trained, tmp_path):
+    copy_run(trained, tmp_path)
+    assert run.main(tiny(tmp_path, "r", "train.max_steps=3", "train.ckpt_path=last",
+                         "model.attention.options.reweight=true", "model.attention.options.levels=null")) == 0
+
+
+def test_sampling_with_overrides_that_change_the_model_is_one_line(trained, tmp_path, capsys):
+    capsys.readouterr()
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    assert run.main(["sample", str(ckpt), "--out", str(tmp_path / "s.png"), "model.size=DiT-S"]) == 2
+    one_error_line(capsys, str(ckpt), "model.size=DiT-S", "flow.*")
+
+
 def test_a_resume_with_another_attention_is_refused(tmp_path, capsys):
     common = ["fit", f"run.out_dir={tmp_path}", "run.name=dense", *TINY[:10]]
     assert run.main([*common, "model.attention.name=full", "train.max_steps=1"]) == 0
