@@ -148,17 +148,20 @@ def _has_fashion_mnist(folder: Path) -> bool:
 
 def find_fashion_mnist(path: str | Path | None = None, search: tuple[str, ...] | None = None,
                        download_root: str | Path | None = "data") -> Path:
-    """The folder holding Fashion-MNIST's four IDX files: ``path``, then ``search`` (globs allowed), then a
-    torchvision download into ``download_root`` (skipped when None). Raises DataNotFoundError saying how
-    to get the data. ``search`` defaults to ``FASHION_MNIST_SEARCH``."""
+    """The folder holding Fashion-MNIST's four IDX files: ``path`` when given (an error if it does not hold
+    them), else the first of ``search`` (globs allowed) that does, else a torchvision download into
+    ``download_root`` (skipped when None). Raises DataNotFoundError saying how to get the data.
+    ``search`` defaults to ``FASHION_MNIST_SEARCH``."""
     search = FASHION_MNIST_SEARCH if search is None else search
-    if path is not None and not _has_fashion_mnist(Path(path)):
+    if path is not None:
+        if _has_fashion_mnist(Path(path)):
+            return Path(path)
         absent = [name for name in FASHION_MNIST_FILES if not (Path(path) / name).is_file()]
         raise DataNotFoundError(
             f"`data.path`={str(path)!r} does not hold Fashion-MNIST (no {', '.join(absent)}): set data.path=FOLDER, "
             "the folder with its four .gz files, or leave data.path out to use an installed copy (sudo apt-get "
             "install dataset-fashion-mnist) or a download; data.name=procedural needs no data")
-    candidates = [Path(path)] if path is not None else []
+    candidates = []
     for pattern in search:
         candidates += [Path(p) for p in sorted(glob.glob(pattern))]
     for folder in candidates:
@@ -175,9 +178,8 @@ def find_fashion_mnist(path: str | Path | None = None, search: tuple[str, ...] |
         folder = Path(download_root) / "FashionMNIST" / "raw"
         if _has_fashion_mnist(folder):
             return folder
-    looked = ([str(path)] if path is not None else []) + list(search)
     raise DataNotFoundError(
-        "Fashion-MNIST not found (looked in " + ", ".join(looked) + ", and a download failed).\n"
+        "Fashion-MNIST not found (looked in " + ", ".join(search) + ", and a download failed).\n"
         "Get it with one of:\n"
         "  sudo apt-get update && sudo apt-get install dataset-fashion-mnist   # Debian/Ubuntu\n"
         f"  data.path=/folder/with/files                    # a folder holding {', '.join(FASHION_MNIST_FILES)}\n"
