@@ -146,11 +146,11 @@ def _edges(label: np.ndarray, scale: int) -> list:
     return segments
 
 
-def draw_picks(image: torch.Tensor, model, key_sets_: list[KeySet], pixels: list[tuple[int, int]],
-               title: str = ""):
-    """A matplotlib Figure: one panel per query pixel, ``image`` (C, H, W) in [0, 1] (drawn gray) under the query's block
-    (outlined), its fine key blocks (filled), the picks of every coarser level (outlined), the enriched
-    tokens they make attended (filled, lighter) and the coarsest tokens (dashed), with a legend."""
+def draw_picks(image: torch.Tensor, model, sets: list[KeySet], pixels: list[tuple[int, int]], title: str = ""):
+    """A matplotlib Figure: one panel per query pixel (``sets``: their key sets in DiT ``model``), over
+    ``image`` (C, H, W) in [0, 1], drawn gray: the query's block (outlined), its fine key blocks (filled),
+    the picks of every coarser level (outlined), the enriched tokens they make attended (filled, lighter)
+    and the coarsest tokens (dashed), with a legend."""
     from matplotlib.collections import LineCollection
     from matplotlib.colors import to_rgba
     from matplotlib.figure import Figure
@@ -176,7 +176,7 @@ def draw_picks(image: torch.Tensor, model, key_sets_: list[KeySet], pixels: list
     def outline(ax, label, colour, width_, style="solid"):
         ax.add_collection(LineCollection(_edges(label, p), colors=colour, linewidths=width_, linestyles=style))
 
-    for ax, ks, (row, col) in zip(axes[0], key_sets_, pixels):
+    for ax, ks, (row, col) in zip(axes[0], sets, pixels):
         ax.imshow(shown, cmap="gray", vmin=0, vmax=1, extent=(0, width, height, 0), interpolation="nearest")
         top = ks.levels
         if ks.enrich_levels == top:
