@@ -57,7 +57,11 @@ def _flat(cfg: DictConfig) -> dict:
     is the same setting)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     attention = data["model"]["attention"]
-    attention["options"] = dataclasses.asdict(options_for(attention["name"], **attention["options"]))
+    try:
+        attention["options"] = dataclasses.asdict(options_for(attention["name"], **attention["options"]))
+    except (KeyError, TypeError, ValueError):
+        # options this code no longer accepts (an old checkpoint's) are compared as they were written
+        pass
     out = {}
 
     def walk(node, prefix):
@@ -83,9 +87,9 @@ def config_differences(stored: DictConfig, cfg: DictConfig) -> list[str]:
     return diffs
 
 
-def check_start(cfg: DictConfig) -> str | None:
-    """Check, before anything is written, that ``cfg`` (resolved by ``prepare``) may start or resume its run;
-    returns the checkpoint to resume from (None: a fresh start). Raises ConfigError or CheckpointError.
+def check_start(cfg: DictConfig) -> None:
+    """Check, before anything is written, that ``cfg`` (resolved by ``prepare``) may start or resume its run.
+    Raises ConfigError or CheckpointError.
 
     - no ``train.ckpt_path``: the run folder must not hold an earlier run;
     - ``train.ckpt_path=last``: resumes ``last.ckpt`` if the folder has one, else starts in the folder;
@@ -95,16 +99,17 @@ def check_start(cfg: DictConfig) -> str | None:
     rd = run_dir(cfg)
     path = cfg.train.ckpt_path
     if path is None:
-        # Other ranks start once rank 0 has written the folder (Lightning's launcher re-runs the script).
+        # Rank 0 alone: the other ranks (torchrun's, or re-run by Lightning's launcher) may find the folder
+        # that rank 0 has just written.
         if rank_zero_only.rank == 0 and rd.is_dir() and any(rd.iterdir()):
             held = ", ".join(sorted(p.name for p in rd.iterdir())[:4])
             raise ConfigError(f"run folder {str(rd)!r} already holds a run ({held}); resume it with "
                               f"train.ckpt_path=last, or start a new run with another run.name=...")
-        return None
+        return
     if path == "last":
         last = rd / "checkpoints" / "last.ckpt"
         if not last.is_file():
-            return None
+            return
         path = str(last)
     stored = from_container(read_checkpoint(path, mmap=True)["hyper_parameters"]["config"])
     diffs = config_differences(stored, cfg)
@@ -112,7 +117,6 @@ def check_start(cfg: DictConfig) -> str | None:
         raise ConfigError(f"cannot resume {path}: its run was trained with other settings, which cannot change "
                           f"on resume: {'; '.join(diffs)}. Drop those overrides, or start a new run with "
                           "another run.name=... (train.init_from=CKPT starts it from the checkpoint's weights)")
-    return path
 
 
 def to_log_file(message: str, level: int = logging.INFO, exc_info=None) -> None:
