@@ -94,7 +94,8 @@ def check_start(cfg: DictConfig) -> None:
     - no ``train.ckpt_path``: the run folder must not hold an earlier run;
     - ``train.ckpt_path=last``: resumes ``last.ckpt`` if the folder has one, else starts in the folder;
     - a path: that checkpoint must be readable;
-    and a checkpoint resumed must have been written with the same config, up to :data:`RESUMABLE` keys.
+    and a checkpoint resumed must have been written with the same config, up to :data:`RESUMABLE` keys. A
+    fresh start's ``train.init_from`` must be readable.
     """
     rd = run_dir(cfg)
     path = cfg.train.ckpt_path
@@ -104,13 +105,13 @@ def check_start(cfg: DictConfig) -> None:
         if rank_zero_only.rank == 0 and rd.is_dir() and any(rd.iterdir()):
             held = ", ".join(sorted(p.name for p in rd.iterdir())[:4])
             raise ConfigError(f"run folder {str(rd)!r} already holds a run ({held}); resume it with "
-                              f"train.ckpt_path=last, or start a new run with another run.name=...")
+                              "train.ckpt_path=last, or start a new run with another run.name=...")
+    if path == "last" and (rd / "checkpoints" / "last.ckpt").is_file():
+        path = str(rd / "checkpoints" / "last.ckpt")
+    if path in (None, "last"):
+        if cfg.train.init_from:
+            read_checkpoint(cfg.train.init_from, mmap=True)
         return
-    if path == "last":
-        last = rd / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            return
-        path = str(last)
     stored = from_container(read_checkpoint(path, mmap=True)["hyper_parameters"]["config"])
     diffs = config_differences(stored, cfg)
     if diffs:

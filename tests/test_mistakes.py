@@ -137,6 +137,9 @@ def test_bad_checkpoint_files_get_one_line(trained, tmp_path, capsys, kind):
     capsys.readouterr()
     assert run.main(tiny(tmp_path / "out", "r", f"train.ckpt_path={path}")) == 2
     one_error_line(capsys, str(path), "run.py fit")
+    # and as the weights a new run starts from
+    assert run.main(tiny(tmp_path / "out", "r", f"train.init_from={path}")) == 2
+    one_error_line(capsys, str(path), "run.py fit")
     assert not (tmp_path / "out").exists()
 
 
