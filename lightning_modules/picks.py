@@ -46,7 +46,7 @@ def picks_figure(module, layer: int | None = None, head: int = 0, pixels: list[t
         raise ConfigError(str(err)) from None
     opts = dit.blocks[layer].attn.method.opts
     ks = sets[0]
-    title = (f"LLSA picks, layer {layer} of 0..{depth - 1}, head {head}"
+    title = (f"LLSA picks, layer {layer} (layers 0..{depth - 1}), head {head}"
              + (f", step {step}" if step is not None else "")
              + f": {ks.n} tokens, blocks of {opts.block_size}, top-{opts.topk}, {ks.levels} level(s), "
                f"{ks.enrich_levels} enriched")
