@@ -198,7 +198,12 @@ def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. train.max_steps=100")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+        try:
+            value = OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r} is not valid YAML: {yaml_problem(err)}; quote a string value "
+                              "or close its brackets") from None
+        cfg = _merge(cfg, value, f"override {item!r}")
     validate(cfg)
     return cfg
 

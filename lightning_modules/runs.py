@@ -38,7 +38,8 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     path = Path(path)
     hint = "pass a .ckpt written by `run.py fit`, e.g. runs/NAME/checkpoints/last.ckpt"
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; {hint}")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {str(path)!r} {what}; {hint}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:  # truncated zip, pickle garbage, not a torch file at all: all say the same

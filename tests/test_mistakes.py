@@ -119,14 +119,15 @@ def test_a_resume_with_another_attention_is_refused(tmp_path, capsys):
 def bad_checkpoints(trained, tmp_path) -> dict[str, Path]:
     good = (trained / "checkpoints" / "last.ckpt").read_bytes()
     files = {"missing": tmp_path / "missing.ckpt", "truncated": tmp_path / "truncated.ckpt",
-             "text": tmp_path / "notes.ckpt", "tensor": tmp_path / "tensor.ckpt"}
+             "text": tmp_path / "notes.ckpt", "tensor": tmp_path / "tensor.ckpt", "folder": tmp_path / "a.ckpt"}
+    files["folder"].mkdir()
     files["truncated"].write_bytes(good[:len(good) // 2])
     files["text"].write_text("not a checkpoint\n")
     torch.save(torch.zeros(3), files["tensor"])
     return files
 
 
-@pytest.mark.parametrize("kind", ["missing", "truncated", "text", "tensor"])
+@pytest.mark.parametrize("kind", ["missing", "truncated", "text", "tensor", "folder"])
 def test_bad_checkpoint_files_get_one_line(trained, tmp_path, capsys, kind):
     path = bad_checkpoints(trained, tmp_path)[kind]
     for argv in (["sample", str(path)], ["fid", str(path)], ["picks", str(path)]):
@@ -156,6 +157,9 @@ def test_yaml_syntax_error_is_one_line(tmp_path, capsys):
     one_error_line(capsys, str(path), "not valid YAML", "line 3")
     assert run.main(["fit", str(path), "train.max_steps=3"]) == 2
     one_error_line(capsys, "not valid YAML")
+    # in an override's value too
+    assert run.main(["fit", "train.betas=[0.9"]) == 2
+    one_error_line(capsys, "override 'train.betas=[0.9' is not valid YAML")
 
 
 def write_png(path, seed):
