@@ -116,7 +116,7 @@ def cmd_picks(args: list[str]) -> int:
     parser.add_argument("--layer", type=int, help="attention layer (block) to show (default: the middle one)")
     parser.add_argument("--head", type=int, default=0, help="attention head to show (default: 0)")
     parser.add_argument("--query", type=pixel, action="append", metavar="ROW,COL",
-                        help="a query pixel; repeat for more (default: one at the centre of each quarter)")
+                        help="a query pixel; repeat for more (default: one in each quarter of the image)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.sample_seed=3 flow.sample_steps=50")
     ns = parser.parse_intermixed_args(args)
     print(f"Picks: {picks_checkpoint(ns.ckpt, ns.out, ns.overrides, ns.layer, ns.head, ns.query)}")

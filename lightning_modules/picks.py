@@ -30,7 +30,7 @@ def middle_layer(module) -> int:
 def picks_figure(module, layer: int | None = None, head: int = 0, pixels: list[tuple[int, int]] | None = None,
                  step: int | None = None):
     """The picks of attention layer ``layer`` (default: the middle one), head ``head``, for query ``pixels``
-    (row, column; default: one per quarter of the image) of one EMA sample of ``module`` (a DiffusionModule)."""
+    (row, column; default: one in each quarter of the image) of one EMA sample of ``module`` (a DiffusionModule)."""
     dit = module.ema
     depth = len(dit.blocks)
     layer = middle_layer(module) if layer is None else layer
