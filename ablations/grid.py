@@ -531,6 +531,11 @@ def run_grid(grids: Grid | list[Grid], out: str | os.PathLike, *, gpus: str = "a
     """Train every unfinished run of ``grids`` into ``out``, ``pack`` at once on each GPU; returns 1 if any run
     failed, else 0."""
     grids = [grids] if isinstance(grids, Grid) else list(grids)
+    if runner is None:
+        # imported here because ablations.checks builds on this module
+        from ablations.checks import check_run_configs
+
+        check_run_configs(grids, out)
     names = [run.name for grid in grids for run in grid.runs]
     if len(set(names)) != len(names):
         raise GridError("two grids of this call name the same run; give each grid its own `name:`")

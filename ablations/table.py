@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from ablations.checks import check_runs_found
 from ablations.grid import DONE, FAILED, Column, Grid, GridError, load_grid, read_marker
 
 MISSING = "missing"
@@ -419,6 +420,7 @@ def main_table(argv: list[str]) -> int:
     except GridError as err:
         print(f"run.py table: error: {err}", file=sys.stderr)
         return 2
+    check_runs_found(grid, args.out)
     paths = write_table(grid, args.out)
     print(paths["md"].read_text(), end="")
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -287,11 +287,14 @@ class HParamsCallback(Callback):
 
 class StepCheckpoint(ModelCheckpoint):
     """``step_XXXXXXX.ckpt`` every ``every_n_train_steps`` and ``last.ckpt``, plus both at the end of training
-    when the final step fell between two periodic saves (Lightning alone would leave ``last.ckpt`` behind)."""
+    when the final step fell between two periodic saves (Lightning alone would leave ``last.ckpt`` behind).
+    A file of the same name is overwritten: a run resumed in a moved folder writes ``last.ckpt``, not
+    ``last-v1.ckpt`` beside the old one."""
 
     def __init__(self, dirpath: Path, every_n_train_steps: int):
         super().__init__(dirpath=dirpath, filename="step_{step:07d}", auto_insert_metric_name=False,
-                         every_n_train_steps=every_n_train_steps, save_top_k=-1, save_last=True)
+                         every_n_train_steps=every_n_train_steps, save_top_k=-1, save_last=True,
+                         enable_version_counter=False)
 
     def on_train_end(self, trainer, pl_module):
         if self._last_global_step_saved != trainer.global_step and not self._should_skip_saving_checkpoint(trainer):

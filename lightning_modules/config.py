@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -186,11 +187,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        loaded = OmegaConf.load(path)
+        try:
+            loaded = OmegaConf.load(path)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {yaml_problem(err)}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections {SECTIONS}")
         cfg = _merge(cfg, loaded, f"in {path}")
     return apply_overrides(cfg, overrides)
+
+
+def yaml_problem(err: Exception) -> str:
+    """A YAML parser's error in one line: what is wrong and where (line and column count from 1)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = " ".join(filter(None, (getattr(err, "problem", None), getattr(err, "context", None))))
+    return (what or str(err).splitlines()[0]) + where
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -198,7 +210,12 @@ def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. train.max_steps=100")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+        try:
+            value = OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r} is not valid YAML: {yaml_problem(err)}; quote a string value "
+                              "or close its brackets") from None
+        cfg = _merge(cfg, value, f"override {item!r}")
     validate(cfg)
     return cfg
 

@@ -34,6 +34,23 @@ class DataNotFoundError(FileNotFoundError):
     """The data is not where the config says; the message says how to get it."""
 
 
+class ImageReadError(DataNotFoundError):
+    """An image file that cannot be decoded; the message names it.
+
+    Raised in a DataLoader worker, it reaches the main process rebuilt from one string holding the
+    worker's traceback: the first argument is then that string, whose last line carries the message.
+    """
+
+    def __init__(self, path, err: BaseException | None = None):
+        if err is None:
+            last = str(path).strip().splitlines()[-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        else:
+            message = (f"cannot read image {str(path)!r} ({type(err).__name__}: {err}); "
+                       "delete or replace it, or move it out of `data.path`")
+        super().__init__(message)
+
+
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8-valued images in [0, 255] -> float in [-1, 1]."""
     return images.float() / 127.5 - 1
@@ -56,6 +73,14 @@ class ImageFolderDataset(Dataset):
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not self.files:
             raise DataNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under `data.path`={str(root)!r}")
+        # Reading each file's header here, rather than decoding every image, catches files that are not
+        # images before training starts at the cost of one small read per file.
+        for path in self.files:
+            try:
+                with Image.open(path):
+                    pass
+            except (OSError, SyntaxError, ValueError) as err:
+                raise ImageReadError(path, err) from None
         self.resolution, self.channels = resolution, channels
         self.labels = None
         self.classes: list[str] = []
@@ -77,6 +102,12 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
+        try:
+            return self._load(i)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageReadError(self.files[i], err) from None
+
+    def _load(self, i):
         with Image.open(self.files[i]) as img:
             img = img.convert("RGB" if self.channels == 3 else "L")
             w, h = img.size
@@ -112,11 +143,20 @@ def _has_fashion_mnist(folder: Path) -> bool:
 
 def find_fashion_mnist(path: str | Path | None = None, search: tuple[str, ...] | None = None,
                        download_root: str | Path | None = "data") -> Path:
-    """The folder holding Fashion-MNIST's training IDX files (``FASHION_MNIST_FILES``): ``path``, then ``search`` (globs allowed), then a
-    torchvision download into ``download_root`` (skipped when None). Raises DataNotFoundError saying how
-    to get the data. ``search`` defaults to ``FASHION_MNIST_SEARCH``."""
+    """The folder holding Fashion-MNIST's training IDX files (``FASHION_MNIST_FILES``): ``path`` when given
+    (an error if it does not hold them), else the first of ``search`` (globs allowed) that does, else a
+    torchvision download into ``download_root`` (skipped when None). Raises DataNotFoundError saying how to
+    get the data. ``search`` defaults to ``FASHION_MNIST_SEARCH``."""
     search = FASHION_MNIST_SEARCH if search is None else search
-    candidates = [Path(path)] if path is not None else []
+    if path is not None:
+        if _has_fashion_mnist(Path(path)):
+            return Path(path)
+        absent = [name for name in FASHION_MNIST_FILES if not (Path(path) / name).is_file()]
+        raise DataNotFoundError(
+            f"`data.path`={str(path)!r} does not hold Fashion-MNIST (no {', '.join(absent)}): set data.path=FOLDER, "
+            "the folder with its four .gz files, or leave data.path out to use an installed copy (sudo apt-get "
+            "install dataset-fashion-mnist) or a download; data.name=procedural needs no data")
+    candidates = []
     for pattern in search:
         candidates += [Path(p) for p in sorted(glob.glob(pattern))]
     for folder in candidates:
@@ -132,9 +172,8 @@ def find_fashion_mnist(path: str | Path | None = None, search: tuple[str, ...] |
         folder = Path(download_root) / "FashionMNIST" / "raw"
         if _has_fashion_mnist(folder):
             return folder
-    looked = ([str(path)] if path is not None else []) + list(search)
     raise DataNotFoundError(
-        "Fashion-MNIST not found (looked in " + ", ".join(looked) + ", and a download failed).\n"
+        "Fashion-MNIST not found (looked in " + ", ".join(search) + ", and a download failed).\n"
         "Get it with one of:\n"
         "  sudo apt-get update && sudo apt-get install dataset-fashion-mnist   # Debian/Ubuntu\n"
         f"  data.path=/folder/with/files                    # a folder holding {', '.join(FASHION_MNIST_FILES)}\n"

@@ -16,6 +16,8 @@ from lightning_modules.callbacks import (FIDCallback, HParamsCallback, SampleGri
 from lightning_modules.config import ConfigError, apply_overrides, from_container, run_dir, save_config
 from lightning_modules.data import ImageDataModule, build_dataset
 from lightning_modules.module import DiffusionModule, resolve_precision
+from lightning_modules.picks import PicksCallback
+from lightning_modules.runs import CheckpointError, LossLog, check_start, log_error, log_summary, read_checkpoint
 
 log = logging.getLogger("llsa.run")
 
@@ -77,7 +79,8 @@ def build_trainer(cfg: DictConfig, progress: bool = True):
     fid_cb = FIDCallback(cfg, Path(cfg.run.out_dir) / "fid_stats", progress=progress)
     grid_cb = SampleGridCallback(cfg, rd / "samples")
     ckpt_cb = StepCheckpoint(rd / "checkpoints", t.ckpt_every)
-    callbacks = [throughput, fid_cb, grid_cb, HParamsCallback(cfg, throughput, fid_cb), ckpt_cb]
+    callbacks = [throughput, fid_cb, grid_cb, PicksCallback(cfg), HParamsCallback(cfg, throughput, fid_cb), ckpt_cb,
+                 LossLog(t.log_every)]
     if progress:
         # the bar reads the logged loss, which waits for the GPU: refresh it only as often as the loss is logged
         callbacks.append(TQDMProgressBar(refresh_rate=t.log_every))
@@ -99,6 +102,8 @@ def fit(cfg: DictConfig, dataset=None, progress: bool = True) -> dict:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     cfg, dataset = prepare(cfg, dataset)
     rd = run_dir(cfg)
+    # before anything is written: an existing run is never mixed into, a resume must match its checkpoint
+    check_start(cfg)
     trainer, throughput, fid_cb, grid_cb = build_trainer(cfg, progress)
     setup_logging(rd if trainer.is_global_zero else None, trainer.is_global_zero)
     if trainer.is_global_zero:
@@ -108,22 +113,30 @@ def fit(cfg: DictConfig, dataset=None, progress: bool = True) -> dict:
     if cfg.train.init_from and ckpt is None:
         module.init_from(cfg.train.init_from)
         log.info("initialised from the EMA weights of %s", cfg.train.init_from)
-    trainer.fit(module, datamodule=ImageDataModule(cfg.data, dataset, seed=cfg.run.seed), ckpt_path=ckpt)
-    return {"run_dir": str(rd), "global_step": trainer.global_step,
-            "fid": fid_cb.final(), "fid_history": fid_cb.history,
-            "throughput": throughput.summary(), "grid": str(grid_cb.last_path) if grid_cb.last_path else None,
-            "last_ckpt": str(rd / "checkpoints" / "last.ckpt"), "is_global_zero": trainer.is_global_zero}
+    try:
+        trainer.fit(module, datamodule=ImageDataModule(cfg.data, dataset, seed=cfg.run.seed), ckpt_path=ckpt)
+    except BaseException as err:
+        log_error(err)
+        raise
+    summary = {"run_dir": str(rd), "global_step": trainer.global_step,
+               "fid": fid_cb.final(), "fid_history": fid_cb.history,
+               "throughput": throughput.summary(), "grid": str(grid_cb.last_path) if grid_cb.last_path else None,
+               "last_ckpt": str(rd / "checkpoints" / "last.ckpt"), "is_global_zero": trainer.is_global_zero}
+    log_summary(summary)
+    return summary
 
 
 def load_module(ckpt: str | Path, overrides=(), device=None) -> DiffusionModule:
     """The module of a checkpoint, its stored config updated by ``key=value`` overrides (e.g. sampling settings)."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    stored = state.get("hyper_parameters", {}).get("config")
-    if stored is None:
-        raise ValueError(f"{str(ckpt)!r} holds no run config; is it a checkpoint written by `run.py fit`?")
-    cfg = apply_overrides(from_container(stored), overrides)
+    state = read_checkpoint(ckpt)
+    cfg = apply_overrides(from_container(state["hyper_parameters"]["config"]), overrides)
     module = DiffusionModule(OmegaConf.to_container(cfg, resolve=True))
-    module.load_state_dict(state["state_dict"])
+    try:
+        module.load_state_dict(state["state_dict"])
+    except RuntimeError:
+        raise CheckpointError(f"the weights of {str(ckpt)!r} do not fit the model its config and the overrides "
+                              f"{list(overrides)} describe; override sampling and evaluation settings (flow.*, "
+                              "eval.*), not the model's") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return module.to(device).eval()
 
@@ -142,6 +155,9 @@ def fid_checkpoint(ckpt: str | Path, overrides=()) -> float:
     """FID of a checkpoint's EMA weights with its config's ``eval.*`` settings (override e.g. eval.fid_samples=10000)."""
     setup_logging(None)
     module = load_module(ckpt, overrides)
+    if module.cfg.eval.fid_samples == 0:
+        raise ConfigError("`eval.fid_samples`=0 turns FID off; give the number of samples to score, "
+                          "e.g. eval.fid_samples=1000")
     _, dataset = prepare(module.cfg)
     extractor = fid.load_feature_extractor(module.cfg.eval.fid_features, module.device)
     log.info("FID features: %s", extractor.description)
