@@ -197,13 +197,16 @@ class FIDCallback(EvaluationCallback):
             counts["val/fid"] = e.fid_samples
         if not final or e.fid_every:
             counts["val/fid_curve"] = curve
+        start = time.perf_counter()
         values = fid.score(pl_module, trainer.datamodule.dataset, self.extractor, self.stats_dir,
                            counts=sorted(set(counts.values())), rank=trainer.global_rank,
                            world=trainer.world_size, all_gather=gatherer(pl_module),
                            progress=self.progress and trainer.is_global_zero)
+        seconds = time.perf_counter() - start
         for tag, n in counts.items():
             self.history.append((trainer.global_step, tag, n, values[n]))
-            log.info("step %d: %s %.3f (%d samples)", trainer.global_step, tag, values[n], n)
+            log.info("step %d: %s %.3f (%d samples; evaluation took %.0f s)", trainer.global_step, tag, values[n], n,
+                     seconds)
         log_metrics(trainer, {tag: values[n] for tag, n in counts.items()})
 
     def final(self) -> float | None:
