@@ -50,6 +50,7 @@ def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_fit(args: list[str]) -> int:
     from lightning_modules.config import load_config
+    from lightning_modules.runs import summary_lines
     from lightning_modules.train import fit
 
     if "-h" in args or "--help" in args:
@@ -61,16 +62,7 @@ def cmd_fit(args: list[str]) -> int:
     path, overrides = split_config_args(args)
     summary = fit(load_config(path, overrides))
     if summary["is_global_zero"]:
-        print(f"\nRun folder: {summary['run_dir']} (config.yaml, log.txt, tb/, samples/, checkpoints/)")
-        if summary["fid"] is not None:
-            print(f"Final FID at step {summary['global_step']}: {summary['fid']:.2f}")
-        perf = summary["throughput"]
-        if perf:
-            print(f"Throughput: {perf['perf/tokens_per_s']:,.0f} pixel tokens/s, {perf['perf/images_per_s']:.1f} "
-                  f"images/s, {perf['perf/step_ms']:.0f} ms/step, peak memory {perf['perf/peak_mem_gb']:.2f} GiB")
-        if summary["grid"]:
-            print(f"Samples: {summary['grid']}")
-        print(f"Checkpoint: {summary['last_ckpt']}  (resume with train.ckpt_path=last)")
+        print("\n" + "\n".join(summary_lines(summary)))
     return 0
 
 

@@ -154,7 +154,7 @@ def find_fashion_mnist(path: str | Path | None = None, search: tuple[str, ...] |
         absent = [name for name in FASHION_MNIST_FILES if not (Path(path) / name).is_file()]
         raise DataNotFoundError(
             f"`data.path`={str(path)!r} does not hold Fashion-MNIST (no {', '.join(absent)}): set data.path=FOLDER, "
-            "the folder with its four .gz files, or leave data.path out to use an installed copy (sudo apt-get "
+            "the folder with its train .gz files, or leave data.path out to use an installed copy (sudo apt-get "
             "install dataset-fashion-mnist) or a download; data.name=procedural needs no data")
     candidates = []
     for pattern in search:

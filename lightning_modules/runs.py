@@ -129,18 +129,27 @@ def to_log_file(message: str, level: int = logging.INFO, exc_info=None) -> None:
             handler.handle(record)
 
 
-def log_summary(summary: dict) -> None:
-    """The end of a run in ``log.txt``: final FID, throughput, sample grid and checkpoint."""
-    to_log_file(f"finished at step {summary['global_step']}; run folder {summary['run_dir']}")
+def summary_lines(summary: dict) -> list[str]:
+    """The end of a run, as `run.py fit` prints it and ``log.txt`` keeps it: folder, final FID, throughput,
+    sample grid and checkpoint."""
+    lines = [f"Run folder: {summary['run_dir']} (config.yaml, log.txt, tb/, samples/, checkpoints/)"]
     if summary["fid"] is not None:
-        to_log_file(f"final FID at step {summary['global_step']}: {summary['fid']:.3f}")
+        lines.append(f"Final FID at step {summary['global_step']}: {summary['fid']:.2f}")
     perf = summary["throughput"]
     if perf:
-        to_log_file(f"throughput: {perf['perf/tokens_per_s']:,.0f} pixel tokens/s, {perf['perf/images_per_s']:.1f} "
-                    f"images/s, {perf['perf/step_ms']:.0f} ms/step, peak memory {perf['perf/peak_mem_gb']:.2f} GiB")
+        lines.append(f"Throughput: {perf['perf/tokens_per_s']:,.0f} pixel tokens/s, {perf['perf/images_per_s']:.1f} "
+                     f"images/s, {perf['perf/step_ms']:.0f} ms/step, peak memory {perf['perf/peak_mem_gb']:.2f} GiB")
     if summary["grid"]:
-        to_log_file(f"samples: {summary['grid']}")
-    to_log_file(f"checkpoint: {summary['last_ckpt']} (resume with train.ckpt_path=last)")
+        lines.append(f"Samples: {summary['grid']}")
+    lines.append(f"Checkpoint: {summary['last_ckpt']}  (resume with train.ckpt_path=last)")
+    return lines
+
+
+def log_summary(summary: dict) -> None:
+    """The end of a run in ``log.txt`` (:func:`summary_lines`), after the step it finished at."""
+    to_log_file(f"finished at step {summary['global_step']}")
+    for line in summary_lines(summary):
+        to_log_file(line)
 
 
 def log_error(err: BaseException) -> None:

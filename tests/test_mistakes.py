@@ -167,6 +167,16 @@ def write_png(path, seed):
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path)
 
 
+def images_with_a_truncated_one(folder, count):
+    """``count`` PNGs in ``folder``, the last cut in half: its header reads, its pixel data is cut short."""
+    for i in range(count):
+        write_png(folder / f"{i}.png", i)
+    last = folder / f"{count - 1}.png"
+    whole = last.read_bytes()
+    last.write_bytes(whole[:len(whole) // 2])
+    return folder
+
+
 def test_a_file_that_is_not_an_image_is_named_before_training(tmp_path, capsys):
     images = tmp_path / "images"
     for i in range(4):
@@ -180,12 +190,7 @@ def test_a_file_that_is_not_an_image_is_named_before_training(tmp_path, capsys):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_an_image_that_fails_to_decode_is_named_in_one_line(tmp_path, workers):
-    images = tmp_path / "images"
-    for i in range(3):
-        write_png(images / f"{i}.png", i)
-    whole = (images / "2.png").read_bytes()
-    # the header reads, the pixel data is cut short
-    (images / "2.png").write_bytes(whole[:len(whole) // 2])
+    images = images_with_a_truncated_one(tmp_path / "images", 3)
     dataset = ImageFolderDataset(images, 8)
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=workers)
     with pytest.raises(DataNotFoundError) as info:
@@ -196,11 +201,7 @@ def test_an_image_that_fails_to_decode_is_named_in_one_line(tmp_path, workers):
 
 
 def test_a_decode_error_during_training_is_one_line_and_in_log_txt(tmp_path, capsys):
-    images = tmp_path / "images"
-    for i in range(4):
-        write_png(images / f"{i}.png", i)
-    whole = (images / "3.png").read_bytes()
-    (images / "3.png").write_bytes(whole[:len(whole) // 2])
+    images = images_with_a_truncated_one(tmp_path / "images", 4)
     assert run.main(["fit", f"run.out_dir={tmp_path}", "run.name=r", "data.name=folder", f"data.path={images}",
                      *TINY[1:], "data.batch_size=4", "data.num_workers=1", "train.max_steps=2"]) == 2
     err = capsys.readouterr().err
@@ -291,8 +292,8 @@ def test_log_txt_holds_the_loss_the_summary_and_the_end(tmp_path):
                          "eval.fid_features=tiny", "eval.fid_ref_max=4")) == 0
     text = (tmp_path / "r" / "log.txt").read_text()
     assert re.search(r"step 2: train/loss \d+\.\d{4}", text) and "step 1: train/loss" not in text
-    for words in ("final FID at step 3:", "pixel tokens/s", "ms/step", "checkpoint: " + str(tmp_path / "r"),
-                  "samples: "):
+    for words in ("Final FID at step 3:", "pixel tokens/s", "ms/step", "Checkpoint: " + str(tmp_path / "r"),
+                  "Samples: "):
         assert words in text, words
 
 

@@ -57,6 +57,13 @@ def pool_levels(x: torch.Tensor, block_size: int, levels: int) -> list[torch.Ten
     return pooled
 
 
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q @ k^T`` over the last dim, as one product-and-sum per pair: identical key rows score bitwise alike,
+    which a blocked matrix multiply does not promise (CPU BLAS rounds edge tiles differently), so exact ties
+    stay ties and go to the smaller index."""
+    return (q[..., :, None, :] * k[..., None, :, :]).sum(-1)
+
+
 def _top_smallest_ties(scores: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` candidates of highest score, ties to the smaller index, returned in ascending index order.
 
@@ -78,7 +85,7 @@ def select_from_pooled(pq: list[torch.Tensor], pk: list[torch.Tensor], block_siz
     levels = len(pq)
     B = block_size
     n_top = pq[-1].shape[-2]
-    scores = pq[-1] @ pk[-1].transpose(-1, -2)
+    scores = _scores(pq[-1], pk[-1])
     cand = torch.arange(n_top, device=scores.device).expand_as(scores)
     sel = [_top_smallest_ties(scores, cand, min(topk, n_top))]
     for level in range(levels - 1, 0, -1):
@@ -92,7 +99,7 @@ def select_from_pooled(pq: list[torch.Tensor], pk: list[torch.Tensor], block_siz
         rows = child.clamp(max=n_l - 1).flatten(2)[..., None].expand(-1, -1, -1, k_l.shape[-1])
         # [b, h, n_up, kp*B, D]: children of each parent's picks
         kc = torch.gather(k_l, 2, rows).unflatten(2, (n_up, kp * B))
-        s = (qg @ kc.transpose(-1, -2)).masked_fill((child >= n_l)[..., None, :], float("-inf"))
+        s = _scores(qg, kc).masked_fill((child >= n_l)[..., None, :], float("-inf"))
         # [b, h, n_up*B, kp*B]: candidates and scores per level-l query token
         child = child[..., None, :].expand(*child.shape[:-1], B, child.shape[-1]).flatten(2, 3)[:, :, :n_l]
         s = s.flatten(2, 3)[:, :, :n_l]
