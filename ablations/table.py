@@ -83,7 +83,8 @@ def _config_differences(config: Any, varied: dict[str, Any]) -> list[str]:
 
 
 def collect(grid: Grid, out: str | Path) -> list[dict[str, Any]]:
-    """One record per run, in grid order: label, run, seed, status, and per column key a float, value or None."""
+    """One record per run, in grid order: label, run, seed, status, per column key a float, value or None, and
+    the points of ``table.curve`` (step, wall time, value)."""
     out = Path(out)
     records = []
     for run in grid.runs:
@@ -91,6 +92,7 @@ def collect(grid: Grid, out: str | Path) -> list[dict[str, Any]]:
         record: dict[str, Any] = {"label": run.label, "run": run.name, "seed": run.seed, "status": run_status(run_dir),
                                   "values": {}, "paper": run.paper}
         scalars = read_scalars(run_dir) if run_dir.exists() else {}
+        record["curve"] = scalars.get(grid.table.curve, []) if grid.table.curve else []
         config = None
         if (run_dir / "config.yaml").is_file():
             config = OmegaConf.load(run_dir / "config.yaml")
@@ -212,13 +214,12 @@ def differences_markdown(rows: list[dict], col: Column) -> list[str]:
     return lines
 
 
-def curve_points(grid: Grid, out: Path, records: list[dict]) -> dict[str, dict[int, list[float]]]:
+def curve_points(records: list[dict]) -> dict[str, dict[int, list[float]]]:
     """Row label -> step -> the values of ``table.curve`` its runs logged at that step."""
     points: dict[str, dict[int, list[float]]] = {}
     for r in records:
-        series = read_scalars(Path(out) / r["run"]).get(grid.table.curve, []) if (Path(out) / r["run"]).exists() else []
         last: dict[int, float] = {}
-        for step, _, value in series:
+        for step, _, value in r["curve"]:
             last[step] = value
         for step, value in last.items():
             points.setdefault(r["label"], {}).setdefault(step, []).append(value)
@@ -388,7 +389,7 @@ def write_table(grid: Grid, out: str | Path) -> dict[str, Path]:
     """Write table.md, table.csv, runs.csv and the plots into ``{out}/{grid}/``; returns the paths by kind."""
     records = collect(grid, out)
     rows = aggregate(grid, records)
-    points = curve_points(grid, Path(out), records) if grid.table.curve else {}
+    points = curve_points(records)
     folder = Path(out) / grid.name
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"md": folder / "table.md", "csv": folder / "table.csv", "runs": folder / "runs.csv"}

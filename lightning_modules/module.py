@@ -41,6 +41,12 @@ def ema_decay_at(step: int, max_decay: float, warmup: bool) -> float:
     return min(max_decay, 1 - (1 + step) ** -0.75)
 
 
+def uses_gpu(cfg: DictConfig) -> bool:
+    """Whether the run trains on a GPU: ``train.accelerator`` gpu/cuda, or auto with CUDA present."""
+    acc = cfg.train.accelerator
+    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+
+
 def compile_mode(cfg: DictConfig) -> str | None:
     """``train.compile`` with ``auto`` resolved: ``default`` on a GPU for runs of >= 1,000 steps, else eager.
 
@@ -50,8 +56,7 @@ def compile_mode(cfg: DictConfig) -> str | None:
     t = cfg.train
     if t.compile != "auto":
         return t.compile
-    on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
-    return "default" if on_gpu and t.max_steps >= 1000 else None
+    return "default" if uses_gpu(cfg) and t.max_steps >= 1000 else None
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, final_ratio: float) -> float:

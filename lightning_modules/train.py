@@ -5,17 +5,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules import fid
-from lightning.pytorch.callbacks import TQDMProgressBar
-
 from lightning_modules.callbacks import (FIDCallback, HParamsCallback, SampleGridCallback, StepCheckpoint,
                                          ThroughputMonitor, save_grid)
 from lightning_modules.config import ConfigError, apply_overrides, from_container, run_dir, save_config
 from lightning_modules.data import ImageDataModule, build_dataset
-from lightning_modules.module import DiffusionModule, resolve_precision
+from lightning_modules.module import DiffusionModule, resolve_precision, uses_gpu
 from lightning_modules.picks import PicksCallback
 from lightning_modules.runs import CheckpointError, LossLog, check_start, log_error, log_summary, read_checkpoint
 
@@ -51,11 +50,6 @@ def prepare(cfg: DictConfig, dataset=None):
             raise ConfigError(f"`model.num_classes`={cfg.model.num_classes} but the dataset has {n} classes; "
                               "raise it or set it to 0 (= the dataset's count)")
     return cfg, dataset
-
-
-def uses_gpu(cfg: DictConfig) -> bool:
-    acc = cfg.train.accelerator
-    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
 
 
 def resume_path(cfg: DictConfig) -> str | None:
