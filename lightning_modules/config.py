@@ -115,7 +115,7 @@ class TrainConfig:
     init_from: Optional[str] = None
     # first steps left out of the throughput numbers (compilation, autotuning, allocator warm-up)
     warmup_perf_steps: int = 5
-    # torch.compile the trained model (not its EMA copy) with this mode: null (eager), default,
+    # torch.compile the trained model (eval.compile decides for the EMA's sampling) with this mode: null (eager), default,
     # reduce-overhead (CUDA graphs), max-autotune; fuses the norms, RoPE and modulations around attention.
     # auto: default on a GPU for runs of at least 1,000 steps (compiling takes about a minute), else eager
     compile: Optional[str] = "auto"
@@ -140,6 +140,9 @@ class EvalConfig:
     grid_size: int = 16
     sample_seed: int = 0
     fid_features: str = "auto"
+    # torch.compile the EMA model for FID sampling (thousands of samples: about half the time of eager on an
+    # H200, docs/benchmarks.md); sample grids and picks stay eager. auto: the mode train.compile resolves to
+    compile: Optional[str] = "auto"
 
 
 @dataclass
@@ -285,6 +288,8 @@ def validate(cfg: DictConfig) -> None:
     _check(t.ckpt_every >= 1, f"`train.ckpt_every` must be >= 1, got {t.ckpt_every}")
     _check(t.compile is None or t.compile in COMPILE_MODES,
            f"`train.compile` must be null or one of {COMPILE_MODES}, got {t.compile!r}")
+    _check(e.compile is None or e.compile in COMPILE_MODES,
+           f"`eval.compile` must be null or one of {COMPILE_MODES}, got {e.compile!r}")
     _check(t.warmup_perf_steps >= 0, f"`train.warmup_perf_steps` must be >= 0, got {t.warmup_perf_steps}")
 
     _check(e.fid_every >= 0, f"`eval.fid_every` must be >= 0 (0 = only at the end), got {e.fid_every}")

@@ -285,7 +285,7 @@ def score(module, dataset, extractor: FeatureExtractor, stats_dir: str | Path, *
     mu_ref, sigma_ref = reference_stats(dataset, extractor, Path(stats_dir) / name, e.fid_ref_max, e.fid_batch_size,
                                         rank=rank, world=world, all_gather=all_gather, progress=progress)
     with module.eval_autocast():
-        feats = generated_features(module.ema, module.flow, extractor, counts[-1],
+        feats = generated_features(module.sampling_model(), module.flow, extractor, counts[-1],
                                    (d.channels, d.resolution, d.resolution), e.sample_seed,
                                    batch_size=e.fid_batch_size, steps=f.sample_steps, sampler=f.sampler,
                                    num_classes=cfg.model.num_classes, cfg_scale=f.cfg_scale, device=module.device,

@@ -59,6 +59,11 @@ def compile_mode(cfg: DictConfig) -> str | None:
     return "default" if uses_gpu(cfg) and t.max_steps >= 1000 else None
 
 
+def sampling_compile_mode(cfg: DictConfig) -> str | None:
+    """``eval.compile`` with ``auto`` resolved to the training model's mode (:func:`compile_mode`)."""
+    return compile_mode(cfg) if cfg.eval.compile == "auto" else cfg.eval.compile
+
+
 def lr_factor(step: int, warmup: int, total: int, schedule: str, final_ratio: float) -> float:
     """The learning rate at optimizer step ``step`` as a fraction of ``train.lr``: linear warm-up over
     ``warmup`` steps, then constant or a cosine / linear decay reaching ``final_ratio`` at step ``total``."""
@@ -93,6 +98,7 @@ class DiffusionModule(L.LightningModule):
             # in place: parameter names, and so checkpoints and the EMA update, stay those of the eager model
             self.model.compile(mode=mode, backend=self.cfg.train.compile_backend)
         self.flow = build_flow(self.cfg)
+        self._sampling_model = None
         self.generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
 
@@ -159,6 +165,21 @@ class DiffusionModule(L.LightningModule):
         super().train(mode)
         self.ema.eval()
         return self
+
+    def sampling_model(self):
+        """The EMA model as FID sampling calls it: compiled per ``eval.compile``, else the EMA itself.
+
+        The compiled wrapper shares the EMA's parameters, so it samples from the current weights. It is
+        kept outside the module's children (it would add a second copy of the EMA to checkpoints), and
+        compiled for fixed shapes: one graph per sampling batch size instead of a slower dynamic one.
+        """
+        mode = sampling_compile_mode(self.cfg)
+        if not mode:
+            return self.ema
+        if self._sampling_model is None:
+            object.__setattr__(self, "_sampling_model", torch.compile(
+                self.ema, mode=mode, backend=self.cfg.train.compile_backend, dynamic=False))
+        return self._sampling_model
 
     def eval_autocast(self):
         """The autocast that training used, for sampling outside the trainer's forward context."""

@@ -85,6 +85,26 @@ def test_compiled_model_trains_and_keeps_eager_parameter_names(tmp_path):
         tiny_config(tmp_path, "bad", **{"train.compile": "fastest"})
 
 
+def test_compiled_fid_sampling_scores_as_eager_and_stays_out_of_checkpoints(tmp_path):
+    from torch._dynamo.utils import counters
+
+    args = {"train.max_steps": 2, "eval.fid_samples": 4, "eval.fid_features": "tiny", "eval.fid_ref_max": 4}
+    eager = fit(tiny_config(tmp_path, "eager", "llsa", **args, **{"eval.compile": "null"}), progress=False)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = fit(tiny_config(tmp_path, "compiled", "llsa", **args, **{"eval.compile": "default",
+                                                                         "train.compile_backend": "aot_eager"}),
+                   progress=False)
+    # training stayed eager (train.compile auto on the CPU), so only the sampler was traced
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert compiled["fid"] == pytest.approx(eager["fid"], rel=1e-4)
+    state = torch.load(tmp_path / "compiled" / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=False)["state_dict"]
+    assert not any("sampling" in key or "_orig_mod" in key for key in state)
+    with pytest.raises(ValueError, match="eval.compile"):
+        tiny_config(tmp_path, "bad", **{"eval.compile": "fastest"})
+
+
 @pytest.mark.parametrize("resident", [False, True])
 def test_resume_from_last_continues_exactly(tmp_path, resident):
     # A DataLoader's shuffling is not replayed mid-epoch by Lightning, so that case trains on one image in

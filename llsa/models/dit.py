@@ -96,6 +96,9 @@ class DiTConfig:
 
 DIT_SIZES = {
     "DiT-T": dict(depth=2, width=64, heads=4),
+    # the small ablation grids' model: about a quarter of DiT-S's matmul work per token, so a run of a few
+    # GPU-minutes sees several epochs of Fashion-MNIST at 64x64
+    "DiT-XS": dict(depth=6, width=256, heads=4),
     "DiT-S": dict(depth=12, width=384, heads=6),
     "DiT-B": dict(depth=12, width=768, heads=12),
 }
