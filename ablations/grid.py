@@ -610,8 +610,11 @@ def run_grid(grids: Grid | list[Grid], out: str | os.PathLike, *, gpus: str = "a
         (run_dir / FAILED).unlink(missing_ok=True)
         grid = grid_of[run.name]
         cmd = command_for(grid, run, out, runner)
+        resumed = state in ("failed", "partial")
+        # the most runs that ever shared this run's GPU: its throughput and memory then measure a shared GPU
+        shared_gpu = max(min(pack, len(todo)), ((read_marker(run_dir, STARTED) or {}) if resumed else {}).get("pack", 1))
         (run_dir / STARTED).write_text(json.dumps({"command": cmd, "overrides": _recorded_overrides(run),
-                                                   "base": _base_name(grid)}, indent=1))
+                                                   "base": _base_name(grid), "pack": shared_gpu}, indent=1))
         env = dict(os.environ)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -619,7 +622,6 @@ def run_grid(grids: Grid | list[Grid], out: str | os.PathLike, *, gpus: str = "a
             # parallel runs share the host: unbounded BLAS threads (the FID's eigendecompositions) each
             # claiming every core slow all of them down
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(workers)))
-        resumed = state in ("failed", "partial")
         say(run, ("resume" if resumed else "start") + (f" on GPU {gpu}" if gpu is not None else ""))
         start = time.monotonic()
         # a resumed run keeps the log of its earlier attempts
@@ -634,7 +636,7 @@ def run_grid(grids: Grid | list[Grid], out: str | os.PathLike, *, gpus: str = "a
                 live.pop(run.name, None)
         seconds = time.monotonic() - start
         record = {"command": cmd, "overrides": _recorded_overrides(run),
-                  "exit_code": code, "seconds": round(seconds, 1), "gpu": gpu}
+                  "exit_code": code, "seconds": round(seconds, 1), "gpu": gpu, "pack": shared_gpu}
         (run_dir / (DONE if code == 0 else FAILED)).write_text(json.dumps(record, indent=1))
         with lock:
             results[run.name] = (code, seconds)

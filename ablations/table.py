@@ -27,7 +27,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from ablations.checks import check_runs_found
-from ablations.grid import DONE, FAILED, Column, Grid, GridError, load_grid, read_marker
+from ablations.grid import DONE, FAILED, STARTED, Column, Grid, GridError, load_grid, read_marker
 
 MISSING = "missing"
 _ABSENT = object()
@@ -90,7 +90,8 @@ def collect(grid: Grid, out: str | Path) -> list[dict[str, Any]]:
     for run in grid.runs:
         run_dir = out / run.name
         record: dict[str, Any] = {"label": run.label, "run": run.name, "seed": run.seed, "status": run_status(run_dir),
-                                  "values": {}, "paper": run.paper}
+                                  "values": {}, "paper": run.paper,
+                                  "pack": int((read_marker(run_dir, STARTED) or {}).get("pack", 1))}
         scalars = read_scalars(run_dir) if run_dir.exists() else {}
         record["curve"] = scalars.get(grid.table.curve, []) if grid.table.curve else []
         config = None
@@ -274,6 +275,16 @@ def to_markdown(grid: Grid, rows: list[dict], extra: list[str] = ()) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def packed_markdown(records: list[dict]) -> list[str]:
+    """A note naming the runs that shared their GPU (``run.py ablate --pack``), if any."""
+    packed = [f"{r['run']} ({r['pack']})" for r in records if r["pack"] > 1]
+    if not packed:
+        return []
+    return ["Trained with other runs on the same GPU (up to that many at once, `run.py ablate --pack`): "
+            + ", ".join(packed) + ". Their throughput and memory measure a shared GPU, not the method alone.",
+            ""]
+
+
 def to_csv(grid: Grid, rows: list[dict]) -> str:
     cols = grid.table.columns
     header = ["label", "runs", "status"]
@@ -307,10 +318,10 @@ def runs_csv(grid: Grid, records: list[dict]) -> str:
     cols = grid.table.columns
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["label", "run", "status"] + [c.key for c in cols])
+    writer.writerow(["label", "run", "status", "pack"] + [c.key for c in cols])
     for r in records:
         values = [r["values"][c.key] for c in cols]
-        writer.writerow([r["label"], r["run"], r["status"]] +
+        writer.writerow([r["label"], r["run"], r["status"], r["pack"]] +
                         [MISSING if v is None else repr(v) if isinstance(v, float) else v for v in values])
     return buf.getvalue()
 
@@ -393,7 +404,7 @@ def write_table(grid: Grid, out: str | Path) -> dict[str, Path]:
     folder = Path(out) / grid.name
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"md": folder / "table.md", "csv": folder / "table.csv", "runs": folder / "runs.csv"}
-    paths["md"].write_text(to_markdown(grid, rows, plateau_markdown(grid, points)))
+    paths["md"].write_text(to_markdown(grid, rows, packed_markdown(records) + plateau_markdown(grid, points)))
     paths["csv"].write_text(to_csv(grid, rows))
     paths["runs"].write_text(runs_csv(grid, records))
     if grid.table.plot is not None:

@@ -3,6 +3,7 @@ import csv
 import json
 import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -447,6 +448,25 @@ def test_pack_runs_several_at_once_on_one_gpu(tmp_path, monkeypatch):
     seen = [json.loads((out / f"g-{x}-s{k}" / "seen.json").read_text()) for x in "ab" for k in range(2)]
     assert {s["gpu"] for s in seen} == {"3"} and [s["args"]["run.seed"] for s in seen] == ["0", "1", "0", "1"]
     assert main_ablate([str(grid), "--out", str(out), "--pack", "0", "--runner", RUNNER]) == 2
+
+
+def test_packed_runs_are_recorded_and_the_table_names_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    grid = write_grid(tmp_path, "seeds: 2\nrows: [{label: a, set: {model.attention.name: full}}, "
+                                "{label: b, set: {model.attention.name: llsa}}]", name="g")
+    out = tmp_path / "runs"
+    assert main_ablate([str(grid), "--out", str(out), "--gpus", "1", "--pack", "2", "--runner", RUNNER]) == 0
+    assert json.loads((out / "g-a-s0" / "DONE").read_text())["pack"] == 2
+    # a resumed run keeps the most it ever shared with; a run trained alone shares nothing
+    (out / "g-b-s0" / "DONE").unlink()
+    shutil.rmtree(out / "g-b-s1")
+    assert main_ablate([str(grid), "--out", str(out), "--gpus", "1", "--pack", "1", "--runner", RUNNER]) == 0
+    assert [json.loads((out / f"g-b-s{k}" / "STARTED").read_text())["pack"] for k in (0, 1)] == [2, 1]
+    assert main_table([str(grid), "--out", str(out)]) == 0
+    md = (out / "g" / "table.md").read_text()
+    assert "--pack`): g-a-s0 (2), g-a-s1 (2), g-b-s0 (2). Their throughput" in md
+    assert [line.split(",")[3] for line in (out / "g" / "runs.csv").read_text().splitlines()] == \
+        ["pack", "2", "2", "2", "1"]
 
 
 COMMITTED = REPO / "docs" / "results" / "ablation_runs"
