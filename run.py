@@ -5,7 +5,7 @@
     python run.py fid CKPT [key=value ...]               FID of a checkpoint (eval.fid_samples, ...)
     python run.py picks CKPT [--out PNG] [--layer I] [--head H] [--query ROW,COL ...] [key=value ...]
                                                          the key blocks LLSA picks for a few query pixels
-    python run.py bench [...]                            attention kernel benchmark (ablations/bench.py)
+    python run.py bench [...]                            attention kernel benchmark (benchmarks/bench.py)
     python run.py ablate GRID [...]                      run an ablation grid (ablations/grid.py)
     python run.py table GRID [...]                       tabulate an ablation grid (ablations/table.py)
     python run.py help                                   this text
@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 COMMANDS = ("fit", "sample", "fid", "picks", "bench", "ablate", "table", "help")
-FORWARDED = {"bench": ("ablations.bench", "main"), "ablate": ("ablations.grid", "main_ablate"),
+FORWARDED = {"bench": ("benchmarks.bench", "main"), "ablate": ("ablations.grid", "main_ablate"),
              "table": ("ablations.table", "main_table")}
 
 

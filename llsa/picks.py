@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from llsa.ops.llsa import hierarchical_topk
-from llsa.ops.llsa.naive import default_levels, level_sizes
+from llsa.ops.llsa.levels import default_levels, level_sizes
 from llsa.reorder import locality_order
 
 # fine picks, then the picks and attended tokens of levels 2, 3, ...

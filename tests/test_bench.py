@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ablations.bench import COLUMNS, _rates, write_outputs
+from benchmarks.bench import COLUMNS, _rates, write_outputs
 
 
 def test_rates_and_outputs(tmp_path, capsys):
@@ -29,7 +29,7 @@ def test_rates_and_outputs(tmp_path, capsys):
 
 
 def test_levels_per_length():
-    from ablations.bench import parse_levels
+    from benchmarks.bench import parse_levels
 
     assert parse_levels([]) == {} and parse_levels(["2"]) == {None: 2}
     assert parse_levels(["16384:2", "65536:2"]) == {16384: 2, 65536: 2}
@@ -45,7 +45,7 @@ def test_offline_inspection_reads_ptxas_and_the_ptx():
     Run in a fresh interpreter: the tests' TRITON_INTERPRET=1 replaces the kernels with interpreter wrappers,
     which do not compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "ablations.inspect_llsa", "--dim", "64"], env=env,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.inspect_llsa", "--dim", "64"], env=env,
                          capture_output=True, text=True, timeout=600)
     if "ptxas" in out.stderr and out.returncode:
         pytest.skip("no ptxas with this Triton")

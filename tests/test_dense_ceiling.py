@@ -1,11 +1,11 @@
-"""The dense ceiling kernels of ``ablations/dense_ceiling.py`` against plain softmax attention (on the CPU
+"""The dense ceiling kernels of ``benchmarks/dense_ceiling.py`` against plain softmax attention (on the CPU
 under the Triton interpreter: float32 and float16; bf16 on a GPU)."""
 import math
 
 import pytest
 import torch
 
-from ablations.dense_ceiling import dense_attention
+from benchmarks.dense_ceiling import dense_attention
 
 
 def _reference(q, k, v):

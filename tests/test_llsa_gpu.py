@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from llsa.ops.llsa.interface import hierarchical_topk_triton, llsa_attention_triton
-from llsa.ops.llsa.naive import default_levels, llsa_attention_torch
+from llsa.ops.llsa.levels import default_levels
+from llsa.ops.llsa.naive import llsa_attention_torch
 
 pytestmark = pytest.mark.gpu
 
@@ -114,7 +115,7 @@ def test_compiled_dit_matches_eager(mode):
     """torch.compile (inductor; reduce-overhead adds CUDA graphs) of a DiT with the LLSA kernels: same
     loss and gradients as eager, on the third call (the graphed one under reduce-overhead)."""
     from llsa.models import build_dit
-    from llsa.ops.llsa import interface
+    from llsa.ops.llsa import launch
 
     torch.manual_seed(0)
     eager = build_dit("DiT-T", image_size=64, in_channels=1, patch_size=1, attention="llsa").cuda()
@@ -130,7 +131,7 @@ def test_compiled_dit_matches_eager(mode):
     for model, calls in ((eager, 1), (compiled, 3)):
         # the compiled model meets these shapes first, as in a fresh process: reduce-overhead's warm-up
         # must not keep the kernels' layout table in its graph pool
-        interface.clear_layouts()
+        launch.clear_layouts()
         for _ in range(calls):
             model.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -221,15 +222,15 @@ def test_a_loop_on_the_same_buffers_replays_bound_graphs_bitwise_like_eager(monk
 def test_clear_layouts_also_drops_the_graphs_that_read_the_tables():
     """A captured graph reads the layout table at its capture-time address: freeing the tables must drop the
     graphs too, or a later replay reads freed memory (the illegal access that clearing only the tables gave)."""
-    from llsa.ops.llsa import graphs, interface
+    from llsa.ops.llsa import graphs, launch
 
     torch.manual_seed(4)
     q, k, v = (torch.randn(1, 2, 1000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     args = dict(block_size=16, topk=8, levels=2, enrich_levels=2, reweight=True, scale=0.125)
     first = [llsa_attention_triton(q, k, v, **args) for _ in range(3)][-1]
     assert graphs._graphs, "small calls should have captured a graph"
-    interface.clear_layouts()
-    assert not graphs._graphs and not interface._layouts
+    launch.clear_layouts()
+    assert not graphs._graphs and not launch._layouts
     # the freed tables' memory is handed out again and overwritten
     junk = torch.full((1 << 20,), -1, dtype=torch.int64, device="cuda")
     again = llsa_attention_triton(q, k, v, **args)

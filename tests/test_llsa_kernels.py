@@ -96,7 +96,7 @@ def test_kernels_match_reference_fp16(case, device):
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=["L2", "L3"])
 def test_kernels_match_reference_at_head_dim_128(case, device):
-    """Head dim 128 runs its own launch shapes (``interface.TUNE_WIDE``)."""
+    """Head dim 128 runs its own launch shapes (``tuning.TUNE_WIDE``)."""
     torch.manual_seed(8)
     _check(*case, torch.float16, device, d=128)
 
@@ -290,9 +290,9 @@ def test_kernels_match_reference_at_the_other_swept_tile_shapes(case, tiles, dev
     """tune_llsa may pick any tile shape it sweeps, and the query-owned pass may run fused or split; each
     must compute the same attention (N600-top38: 38 coarsest tokens, so one, two or three steps over them with
     a partial last one)."""
-    from llsa.ops.llsa import interface
+    from llsa.ops.llsa import tuning
 
-    monkeypatch.setattr(interface, "TUNE", {**interface.TUNE, **tiles})
+    monkeypatch.setattr(tuning, "TUNE", {**tuning.TUNE, **tiles})
     torch.manual_seed(sum(case[:5]) + 1)
     _check(*case, torch.float32, device)
 
@@ -301,10 +301,10 @@ def test_kernels_match_reference_at_the_other_swept_tile_shapes(case, tiles, dev
 def test_int64_row_offsets_match_reference(fused, device, monkeypatch):
     """Heads of 2^31 elements or more take the kernels' int64 row offsets; every smaller one the int32 path,
     so the wide path runs here by lowering the threshold."""
-    from llsa.ops.llsa import interface
+    from llsa.ops.llsa import launch, tuning
 
-    monkeypatch.setattr(interface, "INT32_SLAB", 0)
-    monkeypatch.setattr(interface, "TUNE", {**interface.TUNE, "fwd_fused": fused, "dq_fused": fused})
+    monkeypatch.setattr(launch, "INT32_SLAB", 0)
+    monkeypatch.setattr(tuning, "TUNE", {**tuning.TUNE, "fwd_fused": fused, "dq_fused": fused})
     torch.manual_seed(11)
     _check(*CASES[4], torch.float32, device)
 
@@ -320,15 +320,15 @@ def test_even_tiles_match_reference(case, fused, device, monkeypatch):
     """Where every loop's tiles are full, the kernels drop their masks and fold each tile's one weight into
     the exp2's offset; that path must compute the same attention (the other tests' N are off the B^L grid).
     L1: the coarsest level is the only shared segment; L1-E0: no shared segment, so only the split fine pass."""
-    from llsa.ops.llsa import interface
+    from llsa.ops.llsa import launch, tuning
 
     if not fused and case[3] == 3:
         pytest.skip("the split passes' even path is covered at L=2; L=3 adds a minute under the interpreter")
     if fused and case[4] == 0:
         pytest.skip("without shared segments the forward always runs the split fine pass (the split case)")
-    monkeypatch.setattr(interface, "TUNE", {**interface.TUNE, "fwd_fused": fused, "dq_fused": fused})
+    monkeypatch.setattr(tuning, "TUNE", {**tuning.TUNE, "fwd_fused": fused, "dq_fused": fused})
     # what the launcher decides for each query-owned launch of the forward and the backward
-    decided = _record(monkeypatch, interface, "_even")
+    decided = _record(monkeypatch, launch, "even")
     torch.manual_seed(case[0] + case[4])
     _check_on_the_grid(case, device)
     assert len(decided) >= 2 and all(decided), decided
@@ -337,59 +337,77 @@ def test_even_tiles_match_reference(case, fused, device, monkeypatch):
 def test_even_path_needs_whole_tiles_and_a_positive_scale():
     """The launcher's EVEN test: off the B^L grid, with a step that leaves a partial tile, or a scale <= 0
     (whose largest logit is not the largest raw score's) the masked path runs."""
-    from llsa.ops.llsa import interface as itf
+    from llsa.ops.llsa.tuning import even
 
     lay = Layout(4096, 16, 4, 2, 2)
-    assert itf._even(lay, 0.25, 128, [(4, 4), (16, 16)])
-    assert not itf._even(Layout(4000, 16, 4, 2, 2), 0.25, 128, [(4, 4)])
-    assert not itf._even(lay, 0.25, 128, [(4, 8)])
-    assert not itf._even(lay, 0.25, 96, [(4, 4)])
-    assert not itf._even(lay, -0.25, 128, [(4, 4)])
-    assert not itf._even(lay, 0.0, 128, [(4, 4)])
+    assert even(lay, 0.25, 128, [(4, 4), (16, 16)])
+    assert not even(Layout(4000, 16, 4, 2, 2), 0.25, 128, [(4, 4)])
+    assert not even(lay, 0.25, 128, [(4, 8)])
+    assert not even(lay, 0.25, 96, [(4, 4)])
+    assert not even(lay, -0.25, 128, [(4, 4)])
+    assert not even(lay, 0.0, 128, [(4, 4)])
 
 
 @pytest.mark.parametrize("case", [EVEN_CASES[0], CASES[4]], ids=["even-L2", "N700-L3"])
 def test_picks_loaded_per_step_match_reference(case, device, monkeypatch):
     """Pick lists longer than ``hoist_picks`` are read one step at a time instead of loaded before their loop;
     that path (even and masked) must compute the same attention."""
-    from llsa.ops.llsa import interface
+    from llsa.ops.llsa import launch, tuning
 
-    monkeypatch.setattr(interface, "TUNE", {**interface.TUNE, "hoist_picks": 0})
-    widths = _record(monkeypatch, interface, "_pick_width")
+    monkeypatch.setattr(tuning, "TUNE", {**tuning.TUNE, "hoist_picks": 0})
+    # the fused pass takes its width through fused_shape, the split passes directly
+    widths = _record(monkeypatch, tuning, "pick_width")
+    monkeypatch.setattr(launch, "pick_width", tuning.pick_width)
     torch.manual_seed(case[0] + 3)
     _check_on_the_grid(case, device)
     assert widths and not any(widths), widths
 
 
 def test_pick_width_covers_the_widest_list_up_to_the_cap():
-    from llsa.ops.llsa import interface as itf
+    from llsa.ops.llsa.tuning import TUNE, pick_width
 
-    t = {**itf.TUNE, "hoist_picks": 32}
-    assert itf._pick_width(Layout(4096, 16, 4, 2, 2), t) == 4
-    assert itf._pick_width(Layout(65536, 16, 5, 2, 2), t) == 8
-    assert itf._pick_width(Layout(65536, 16, 32, 2, 2), t) == 32
-    assert itf._pick_width(Layout(65536, 16, 33, 2, 2), t) == 0
+    t = {**TUNE, "hoist_picks": 32}
+    assert pick_width(Layout(4096, 16, 4, 2, 2), t) == 4
+    assert pick_width(Layout(65536, 16, 5, 2, 2), t) == 8
+    assert pick_width(Layout(65536, 16, 32, 2, 2), t) == 32
+    assert pick_width(Layout(65536, 16, 33, 2, 2), t) == 0
     # a level with fewer tokens than topk picks all of them: its list is that long
-    assert itf._pick_width(Layout(40, 16, 8, 2, 2), t) == 4
+    assert pick_width(Layout(40, 16, 8, 2, 2), t) == 4
 
 
 def test_wide_head_dim_shapes_override_known_keys_only():
     """A misspelt key in TUNE_WIDE would be silently ignored by the launchers, which read TUNE's keys."""
-    from llsa.ops.llsa import interface
+    from llsa.ops.llsa.tuning import TUNE, TUNE_WIDE
 
-    assert set(interface.TUNE_WIDE) <= set(interface.TUNE)
-    assert interface.tune(64) is interface.TUNE
-    assert interface.tune(128) == {**interface.TUNE, **interface.TUNE_WIDE}
+    assert set(TUNE_WIDE) <= set(TUNE)
+
+
+def test_launch_shapes_apply_inside_the_block_only_and_refuse_unknown_keys():
+    """The tools change launch shapes through ``launch_shapes``: the change reaches ``tune(d)`` of its head
+    dim class only, and leaves nothing behind, even when the block raises."""
+    from llsa.ops.llsa.tuning import TUNE, launch_shapes, tune
+
+    before64, before128 = dict(tune(64)), dict(tune(128))
+    with launch_shapes(128, fwd_kpi=8, kv_rows=32):
+        assert tune(128)["fwd_kpi"] == 8 and tune(128)["kv_rows"] == 32 and tune(64) == before64
+    with pytest.raises(ZeroDivisionError):
+        with launch_shapes(64, pool_rows=64):
+            assert tune(64)["pool_rows"] == 64 and tune(128)["pool_rows"] == 64
+            1 / 0
+    assert tune(64) == before64 and tune(128) == before128 and tune(64) is TUNE
+    with pytest.raises(KeyError, match="fwd_kip"):
+        with launch_shapes(64, fwd_kip=2):
+            pass
 
 
 def test_layout_tables_are_made_on_their_own_thread_and_errors_reach_the_caller():
     """The kernels' layout table is built on a worker thread (out of reach of reduce-overhead's graph
     pool); what the worker makes must be the table, and what it raises must surface in the caller."""
-    from llsa.ops.llsa import interface
+    from llsa.ops.llsa.launch import kernel_table
 
     lay = Layout(300, 16, 3, 2, 2)
     if torch.cuda.is_available():
-        assert torch.equal(interface._kernel_table(lay, torch.device("cuda")).cpu(), lay.meta("cpu"))
+        assert torch.equal(kernel_table(lay, torch.device("cuda")).cpu(), lay.meta("cpu"))
     else:
         with pytest.raises((RuntimeError, AssertionError)):
-            interface._kernel_table(lay, torch.device("cuda"))
+            kernel_table(lay, torch.device("cuda"))

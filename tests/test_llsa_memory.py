@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     import json, os, resource, sys, time
     import torch
     import llsa
-    from llsa.ops.llsa.naive import default_levels
+    from llsa.ops.llsa.levels import default_levels
 
     def mib(field):
         # this process's own resident memory (VmRSS: now, VmHWM: peak), else ru_maxrss off Linux

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import llsa
-from llsa.ops.llsa.naive import default_levels, llsa_attention_torch
+from llsa.ops.llsa.levels import default_levels
+from llsa.ops.llsa.naive import llsa_attention_torch
 from oracle import oracle_attention, oracle_default_levels, pooling_matrices
 
 F64 = torch.float64

@@ -4,7 +4,7 @@ import torch
 from llsa.attention import ATTENTIONS
 from llsa.flow import FlowMatching
 from llsa.models import DIT_SIZES, DiT, DiTConfig, build_dit, load_lowres_checkpoint
-from llsa.models.dit import _token_grid
+from llsa.models.dit import token_grid
 from llsa.ops.heads import apply_rope
 from llsa.reorder import locality_order
 
@@ -93,20 +93,20 @@ def test_patches_map_back_to_their_pixels():
 
 def test_rope_positions_are_interpolated_onto_the_rope_grid():
     head_dim, cpu = 16, torch.device("cpu")
-    cos8, sin8, _ = _token_grid(8, 8, (8, 8), head_dim, False, cpu)
-    cos15, sin15, _ = _token_grid(15, 15, (8, 8), head_dim, False, cpu)
+    cos8, sin8, _ = token_grid(8, 8, (8, 8), head_dim, False, cpu)
+    cos15, sin15, _ = token_grid(15, 15, (8, 8), head_dim, False, cpu)
     # Position idx * 7 / 14: even indices of the 15-grid land on the 8-grid's integer positions.
     even = (torch.arange(15)[::2, None] * 15 + torch.arange(15)[None, ::2]).flatten()
     torch.testing.assert_close(cos15[even], cos8)
     torch.testing.assert_close(sin15[even], sin8)
     # The reordered table is the row-major one permuted like the tokens.
-    cos_r, _, (perm, inv) = _token_grid(8, 8, (8, 8), head_dim, True, cpu)
+    cos_r, _, (perm, inv) = token_grid(8, 8, (8, 8), head_dim, True, cpu)
     torch.testing.assert_close(cos_r, cos8[perm])
     assert torch.equal(perm, locality_order((8, 8))[0])
 
 
 def test_rope_scores_depend_on_relative_position_only():
-    cos, sin, _ = _token_grid(6, 6, (6, 6), 16, False, torch.device("cpu"))
+    cos, sin, _ = token_grid(6, 6, (6, 6), 16, False, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 1, 16, generator=g).expand(2, 36, 16)
     scores = (apply_rope(q, cos, sin) @ apply_rope(k, cos, sin).T)

@@ -1,5 +1,5 @@
 """Matching the attended-key budget of the block-sparse baselines to LLSA's."""
-from llsa.ops.llsa.naive import default_levels, keys_per_query
+from llsa.ops.llsa.levels import default_levels, keys_per_query
 
 
 def matched_topk(n: int, *, block_size: int = 16, topk: int = 8, levels: int | None = None,

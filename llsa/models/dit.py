@@ -115,8 +115,8 @@ def build_dit(size: str, **overrides) -> "DiT":
 # every step (four synchronising host-to-device copies); eagerly the cache answers.
 @torch.compiler.disable
 @lru_cache(maxsize=8)
-def _token_grid(hp: int, wp: int, rope_grid: tuple[int, int], head_dim: int, reorder: bool,
-                device: torch.device):
+def token_grid(hp: int, wp: int, rope_grid: tuple[int, int], head_dim: int, reorder: bool,
+               device: torch.device):
     """RoPE ``cos, sin`` (N, head_dim/2) in sequence order, and the ``(perm, inv)`` order (or None)."""
     theta = 10000.0
     axis_dim = head_dim // 2
@@ -288,7 +288,7 @@ class DiT(nn.Module):
             raise ValueError("DiT: labels `y` were given to an unconditional model (num_classes=0)")
         t = torch.as_tensor(t, device=x.device).expand(b)
         hp, wp = h // p, w // p
-        cos, sin, order = _token_grid(hp, wp, cfg.rope_grid, cfg.head_dim, cfg.reorder, x.device)
+        cos, sin, order = token_grid(hp, wp, cfg.rope_grid, cfg.head_dim, cfg.reorder, x.device)
 
         # [b, width, hp, wp] -> [b, N, width], row-major
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)

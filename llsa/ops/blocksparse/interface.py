@@ -10,9 +10,9 @@ import torch
 import triton
 
 from llsa.ops.blocksparse.kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _count_kernel, _fill_kernel, _fwd_kernel
+from llsa.ops.common import LOG2E
 from llsa.ops.poison import poison
 
-LOG2E = 1.4426950408889634
 
 
 def _interpreting() -> bool:

@@ -1,7 +1,8 @@
 """Log-linear Sparse Attention: the public entry point and its backend dispatch."""
 import torch
 
-from llsa.ops.llsa.naive import default_scale, hierarchical_topk, keys_per_query, llsa_attention_torch
+from llsa.ops.llsa.levels import default_scale, keys_per_query
+from llsa.ops.llsa.naive import hierarchical_topk, llsa_attention_torch
 from llsa.ops.llsa.validate import check_enrich, check_qk
 
 BACKENDS = ("auto", "torch", "triton")

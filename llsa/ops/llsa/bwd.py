@@ -10,6 +10,8 @@ the original tokens through the pooling backward, fused into the fine kernel's e
 import triton
 import triton.language as tl
 
+from llsa.ops.common import K_LN2, K_LOG2E
+
 from llsa.ops.llsa.fwd import _cand_rows, _level_log2_weights, _log2_weight
 
 
@@ -39,7 +41,7 @@ def _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, p_idx, first,
         b_q = tl.load(Q + p_qd, mask=m_q[:, None], other=0.)
         b_do = tl.load(DO + p_qd, mask=m_q[:, None], other=0.)
         # [BMQ]
-        b_lse2 = tl.load(LSE + i_bh * N + o_q, mask=m_q, other=0.) * 1.4426950408889634
+        b_lse2 = tl.load(LSE + i_bh * N + o_q, mask=m_q, other=0.) * K_LOG2E
         b_delta = tl.load(DELTA + i_bh * N + o_q, mask=m_q, other=0.)
         # [BMQ, BK]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale + b_bias[None, :]
@@ -89,7 +91,7 @@ def llsa_kv_kernel(Q, K, V, DO, LSE, DELTA, META, ROWPTR, IDX, DK, DV, DPK, DPV,
     count = tl.load(p_ptr + 1) - first
     b_dkt, b_dvt = _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, IDX + i_bh * n_up * w_up,
                                first, count, B, w_up, i_bh, N, o_d, qk_scale, D, BMQ, True, PREC)
-    b_dkt = b_dkt * (qk_scale * 0.6931471805599453)
+    b_dkt = b_dkt * (qk_scale * K_LN2)
     # [D, B] transposed addresses of the B key rows
     p_t = o_kr[None, :] * D + o_d[:, None]
     m_t = m_r[None, :]
@@ -139,7 +141,7 @@ def llsa_cand_kv_kernel(Q, PK, PV, DO, LSE, DELTA, META, SEL, PART_K, PART_V, N,
     count = tl.minimum(span_q, N - first)
     b_dkt, b_dvt = _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, SEL, first, count, 1, 1, i_bh,
                                N, o_d, qk_scale, D, BMQ, False, PREC)
-    b_dkt = b_dkt * (qk_scale * 0.6931471805599453)
+    b_dkt = b_dkt * (qk_scale * K_LN2)
     o_slot = i_it * KPI + o_n // B
     o_p = (i_a * w_up + o_slot) * B + o_n % B
     p_t = (i_bh * n_part + o_p)[None, :] * D + o_d[:, None]
@@ -199,7 +201,7 @@ def llsa_top_kv_kernel(Q, PK, PV, DO, LSE, DELTA, META, PDK, PDV, N, n_pool, lev
     count = tl.minimum(first + chunk, N) - first
     b_dkt, b_dvt = _kv_queries(b_k, b_v, b_bias, b_dkt, b_dvt, Q, DO, LSE, DELTA, LSE, first, count, 1, 1, i_bh,
                                N, o_d, qk_scale, D, BMQ, False, PREC)
-    b_dkt = b_dkt * (qk_scale * 0.6931471805599453)
+    b_dkt = b_dkt * (qk_scale * K_LN2)
     p_t = ((i_c * n_bh + i_bh) * n_t + o_r)[None, :] * D + o_d[:, None]
     tl.store(PDK + p_t, b_dkt, mask=m_r[None, :])
     tl.store(PDV + p_t, b_dvt, mask=m_r[None, :])

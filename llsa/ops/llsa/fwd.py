@@ -16,7 +16,7 @@ one FFMA before it instead of a multiply, an add per key weight and a subtractio
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from llsa.ops.common import K_LN2, K_LOG2E
 
 
 @triton.jit
@@ -260,9 +260,9 @@ def _fused_fine(p_q, p_do, b_lse2, b_delta, b_acc, b_m, b_l, p_k, p_v, p_pick, k
             b_acc3 = b_acc3 * b_alpha[:, :, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
             b_m3 = b_mn
     if BWD:
-        b_o = b_acc3 * (qk_scale * 0.6931471805599453)
+        b_o = b_acc3 * (qk_scale * K_LN2)
     else:
-        tl.store(p_lse + o_m3, (b_m3 + tl.log2(b_l3)) * 0.6931471805599453, mask=m_m3)
+        tl.store(p_lse + o_m3, (b_m3 + tl.log2(b_l3)) * K_LN2, mask=m_m3)
         b_o = b_acc3 / b_l3[:, :, None]
     tl.store(p_o + o_m3[:, :, None] * D + o_d[None, None, :], b_o.to(p_o.dtype.element_ty), mask=m_m3[:, :, None])
 
@@ -312,7 +312,7 @@ def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PAR
     if BWD:
         b_do = tl.load(DO + p_qd, mask=m_qd, other=0.)
         # [BM]
-        b_lse2 = tl.load(LSE + i_bh * N + o_m, mask=m_m, other=0.) * 1.4426950408889634
+        b_lse2 = tl.load(LSE + i_bh * N + o_m, mask=m_m, other=0.) * K_LOG2E
         if MAKE_DELTA:
             # [BM, D] (MAKE_DELTA is the fused pass's, never swapped)
             b_o = tl.load(O + p_qd, mask=m_qd, other=0.).to(tl.float32) * b_do.to(tl.float32)
@@ -385,14 +385,14 @@ def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PAR
                     EVEN, KW)
     else:
         if BWD:
-            b_out = b_acc * (qk_scale * 0.6931471805599453)
+            b_out = b_acc * (qk_scale * K_LN2)
             if MERGE:
                 b_out += tl.load(PART + p_qd, mask=m_qd, other=0.)
         else:
             if MERGE:
                 # [BM, D], [BM]: the shared part, normalised, and its log2-sum-exp
                 b_po = tl.load(PART + p_qd, mask=m_qd, other=0.)
-                b_plse2 = tl.load(PLSE + i_bh * N + o_m, mask=m_m, other=0.) * 1.4426950408889634
+                b_plse2 = tl.load(PLSE + i_bh * N + o_m, mask=m_m, other=0.) * K_LOG2E
                 b_mn = tl.maximum(b_m, b_plse2)
                 b_alpha = tl.math.exp2(b_m - b_mn)
                 b_beta = tl.math.exp2(b_plse2 - b_mn)
@@ -400,5 +400,5 @@ def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PAR
                 b_l = b_l * b_alpha + b_beta
                 b_m = b_mn
             b_out = b_acc / _bq(b_l, SWAP)
-            tl.store(LSE + i_bh * N + o_m, (b_m + tl.log2(b_l)) * 0.6931471805599453, mask=m_m)
+            tl.store(LSE + i_bh * N + o_m, (b_m + tl.log2(b_l)) * K_LN2, mask=m_m)
         tl.store(OUT + p_qd, b_out.to(OUT.dtype.element_ty), mask=m_qd)

@@ -18,10 +18,11 @@ Outputs are fresh allocations in both, so a caller may keep any result while lat
 cache keeps ``MAX_GRAPHS`` graphs, least recently used dropped first; once ``MAX_GRAPHS`` bound graphs
 have been dropped, the working set of address sets outgrows the cache (a model with more same-shape
 layers than that), and no more bound graphs are captured, so none is recaptured over and over.
-A graph keeps the launch shapes (``interface.TUNE``) it was captured with: after changing them, ``clear()``.
+A graph keeps the launch shapes (``tuning.TUNE``) it was captured with: ``tuning.launch_shapes`` clears them.
 A shape whose capture fails runs eagerly from then on, with one warning. ``LLSA_CUDA_GRAPHS=0`` turns
-graphs off; ``clear()`` frees the graphs and their memory: each keeps its temporaries (~3x q's size
-for a forward, ~6x for a backward), and a copying graph also its static inputs and outputs.
+graphs off (``disabled()`` for a block of code); ``clear()`` frees the graphs and their memory: each keeps
+its temporaries (~3x q's size for a forward, ~6x for a backward), and a copying graph also its static
+inputs and outputs.
 """
 import contextlib
 import os
@@ -48,6 +49,17 @@ def usable(q: torch.Tensor) -> bool:
     """Whether a call on q should replay a graph: on CUDA, small, and not inside someone's capture."""
     return (ENABLED and q.is_cuda and q.numel() <= GRAPH_MAX_ELEMENTS
             and not torch.cuda.is_current_stream_capturing())
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the block without graph replay, so every call launches its kernels (as ``LLSA_CUDA_GRAPHS=0``)."""
+    global ENABLED
+    saved, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = saved
 
 
 def clear() -> None:

@@ -4,7 +4,7 @@ from functools import cached_property
 
 import torch
 
-from llsa.ops.llsa.naive import level_sizes
+from llsa.ops.llsa.levels import level_sizes
 
 # Spans B^l are capped here; any span >= N behaves the same (one token covers everything).
 SPAN_CAP = 1 << 40

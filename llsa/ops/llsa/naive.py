@@ -6,26 +6,11 @@ segments ``1..L-1`` are the enriched candidate levels. The last segment, present
 levels``, is every level-``L`` token. All queries under one level-``(l+1)`` ancestor share segment ``l``,
 so its scores are one batched matmul per ancestor: memory stays ``O(N * keys per query)``, never ``N^2``.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 
-
-def default_levels(n: int, block_size: int) -> int:
-    """``max(1, floor(log_B N) - 1)``: the coarsest level then holds between B and B^2 tokens."""
-    m, p = 0, block_size
-    while p <= n:
-        m, p = m + 1, p * block_size
-    return max(1, m - 1)
-
-
-def level_sizes(n: int, block_size: int, levels: int) -> list[int]:
-    """Token counts of levels ``0..levels``: ``ceil(N / B^l)``."""
-    sizes = [n]
-    for _ in range(levels):
-        sizes.append(-(-sizes[-1] // block_size))
-    return sizes
+from llsa.ops.llsa.levels import level_sizes, top_smallest_ties
+from llsa.ops.llsa.validate import check_qk
 
 
 def level_counts(n: int, block_size: int, levels: int, device=None) -> list[torch.Tensor]:
@@ -64,16 +49,6 @@ def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (q[..., :, None, :] * k[..., None, :, :]).sum(-1)
 
 
-def _top_smallest_ties(scores: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` candidates of highest score, ties to the smaller index, returned in ascending index order.
-
-    ``cand`` must be ascending along the last dim, so a stable descending sort keeps the smaller index
-    first among equal scores.
-    """
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.gather(cand, -1, order).sort(dim=-1).values
-
-
 @torch.no_grad()
 def select_from_pooled(pq: list[torch.Tensor], pk: list[torch.Tensor], block_size: int,
                        topk: int) -> list[torch.Tensor]:
@@ -87,7 +62,7 @@ def select_from_pooled(pq: list[torch.Tensor], pk: list[torch.Tensor], block_siz
     n_top = pq[-1].shape[-2]
     scores = _scores(pq[-1], pk[-1])
     cand = torch.arange(n_top, device=scores.device).expand_as(scores)
-    sel = [_top_smallest_ties(scores, cand, min(topk, n_top))]
+    sel = [top_smallest_ties(scores, cand, min(topk, n_top))]
     for level in range(levels - 1, 0, -1):
         q_l, k_l = pq[level - 1], pk[level - 1]
         up = sel[0]
@@ -103,7 +78,7 @@ def select_from_pooled(pq: list[torch.Tensor], pk: list[torch.Tensor], block_siz
         # [b, h, n_up*B, kp*B]: candidates and scores per level-l query token
         child = child[..., None, :].expand(*child.shape[:-1], B, child.shape[-1]).flatten(2, 3)[:, :, :n_l]
         s = s.flatten(2, 3)[:, :, :n_l]
-        sel.insert(0, _top_smallest_ties(s, child, min(topk, n_l)))
+        sel.insert(0, top_smallest_ties(s, child, min(topk, n_l)))
     return sel
 
 
@@ -115,8 +90,6 @@ def hierarchical_topk(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 16,
     min(topk, ceil(N/B^l)))``: for each level-l query token, the indices of the level-l key tokens it
     picked, ascending. Level 1's picks are the fine key blocks every query block attends to.
     """
-    from llsa.ops.llsa.validate import check_qk
-
     levels = check_qk(q, k, block_size=block_size, topk=topk, levels=levels)
     pq = pool_levels(q.detach(), block_size, levels)
     pk = pool_levels(k.detach(), block_size, levels)
@@ -202,18 +175,3 @@ def llsa_attention_torch(q, k, v, *, block_size, topk, levels, enrich_levels, re
     out = sum(apply(p) for apply, p in zip(appliers, p_all.split(widths, dim=-1)))
     out = out.to(dtype)
     return (out, lse.squeeze(-1)) if return_lse else out
-
-
-def keys_per_query(n: int, block_size: int, topk: int, levels: int, enrich_levels: int) -> int:
-    """Keys in one query's set (fine + enriched candidates + coarsest), as the spec's cost formula."""
-    sizes = level_sizes(n, block_size, levels)
-    total = min(topk, sizes[1]) * block_size
-    for level in range(1, min(enrich_levels, levels - 1) + 1):
-        total += min(topk, sizes[level + 1]) * block_size
-    if enrich_levels == levels:
-        total += sizes[levels]
-    return total
-
-
-def default_scale(d: int) -> float:
-    return 1.0 / math.sqrt(d)

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from llsa.ops.llsa.layout import Layout
-from llsa.ops.llsa.naive import _top_smallest_ties
+from llsa.ops.llsa.levels import top_smallest_ties
 from llsa.ops.poison import poison
 
 # Three tf32 products recover fp32 accuracy on tensor cores; near-ties may still order differently
@@ -97,7 +97,7 @@ def select(pooled: torch.Tensor, lay: Layout, out: torch.Tensor | None = None, w
         picks = []
         for start in range(0, n_top, TOP_CHUNK):
             scores = q_top[:, start:start + TOP_CHUNK] @ k_top.transpose(-1, -2)
-            picks.append(_top_smallest_ties(scores, cand.expand_as(scores), lay.widths[top]))
+            picks.append(top_smallest_ties(scores, cand.expand_as(scores), lay.widths[top]))
         s0 = lay.sel_off[top]
         sel[:, s0:s0 + n_top * lay.widths[top]] = torch.cat(picks, dim=1).flatten(1).to(torch.int32)
     for level in range(top - 1, 0, -1):

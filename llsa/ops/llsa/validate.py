@@ -1,7 +1,7 @@
 """Argument checks shared by every LLSA entry point: each error names the argument and the fix."""
 import torch
 
-from llsa.ops.llsa.naive import default_levels
+from llsa.ops.llsa.levels import default_levels
 from llsa.ops.validate import check_tensors
 
 

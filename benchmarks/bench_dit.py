@@ -1,6 +1,6 @@
 """End-to-end DiT training-step time with each attention, same batch, one process.
 
-``python -m ablations.bench_dit --size DiT-S --res 128 --batch 4 --attn full vsa sla llsa``. A step is
+``python -m benchmarks.bench_dit --size DiT-S --res 128 --batch 4 --attn full vsa sla llsa``. A step is
 flow-matching loss, backward and an AdamW update under bf16 autocast; the median of timed steps after
 warm-up is reported with throughput in pixel tokens/s and the speed-up over the first attention listed.
 VSA and SLA get LLSA's key budget (``matched_topk``). ``--profile 20`` also lists the 20 kernels with the
@@ -14,7 +14,7 @@ import torch
 from llsa.attention.budget import matched_topk
 from llsa.flow import FlowMatching
 from llsa.models import build_dit
-from llsa.ops.llsa.naive import default_levels
+from llsa.ops.llsa.levels import default_levels
 
 
 def attention_options(name: str, n: int, levels: int | None) -> dict:

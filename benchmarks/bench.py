@@ -1,6 +1,6 @@
 """Kernel benchmark: LLSA (and the sparse baselines) against SDPA's flash backend, in one process.
 
-``python run.py bench`` or ``python -m ablations.bench``. Times forward and forward+backward with
+``python run.py bench`` or ``python -m benchmarks.bench``. Times forward and forward+backward with
 ``triton.testing.do_bench`` medians, prints a table, writes ``bench.csv`` and ``bench.png``. A method is
 timed only after it passes a correctness check against its plain-PyTorch reference at that shape
 (flash-attention rule: error <= 2x the reference's own low-precision error + a floor).
@@ -43,7 +43,8 @@ def sdpa(q, k, v):
 
 def llsa_method(block, topk, levels_for) -> Method:
     from llsa.ops.llsa.interface import hierarchical_topk_triton, llsa_attention_triton
-    from llsa.ops.llsa.naive import keys_per_query, llsa_attention_torch
+    from llsa.ops.llsa.levels import keys_per_query
+    from llsa.ops.llsa.naive import llsa_attention_torch
 
     def args(n, d):
         lv = levels_for(n)
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench: needs a CUDA GPU (the kernels are timed against FlashAttention)", file=sys.stderr)
         return 2
-    from llsa.ops.llsa.naive import default_levels
+    from llsa.ops.llsa.levels import default_levels
 
     dtype = DTYPES[args.dtype]
     b, h, d = args.batch, args.heads, args.dim

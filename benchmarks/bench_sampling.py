@@ -1,6 +1,6 @@
 """Sampling cost of a DiT: one Euler step's forward (no grad, bf16 autocast) on a batch, eager and compiled.
 
-``python -m ablations.bench_sampling --res 64 --batch 250 --attn full llsa``. FID's generation costs
+``python -m benchmarks.bench_sampling --res 64 --batch 250 --attn full llsa``. FID's generation costs
 ``samples / batch * sample_steps`` of these forwards; median of timed forwards after warm-up.
 """
 import argparse
@@ -8,7 +8,7 @@ import statistics
 
 import torch
 
-from ablations.bench_dit import attention_options
+from benchmarks.bench_dit import attention_options
 from llsa.models import build_dit
 
 

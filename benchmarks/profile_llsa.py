@@ -1,6 +1,6 @@
 """Where LLSA's time goes: GPU time of every kernel of one forward and one backward, and the host time.
 
-``python -m ablations.profile_llsa --n 4096 65536 --levels 2``. Prints, per N, the device kernels in launch
+``python -m benchmarks.profile_llsa --n 4096 65536 --levels 2``. Prints, per N, the device kernels in launch
 order with their times (the same kernel launched twice, e.g. the shared and fine query passes, shows
 twice) and the wall time of the call with and without a device synchronisation, so launch and Python
 overhead can be told apart from kernel time.
@@ -11,7 +11,7 @@ import time
 import torch
 
 from llsa.ops.llsa.interface import llsa_attention_triton
-from llsa.ops.llsa.naive import default_levels
+from llsa.ops.llsa.levels import default_levels
 
 
 def main(argv=None):

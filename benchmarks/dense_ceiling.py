@@ -3,7 +3,7 @@
 LLSA's fused pass runs the same inner loop as dense FlashAttention (scores, online softmax, P·V) on keys it
 gathers, plus per-key weights. A dense kernel with contiguous keys, no weights and no masks is that loop at its
 cheapest, so its best rate over tile shapes bounds what the fused pass can reach with this Triton on this
-card. ``python -m ablations.dense_ceiling`` sweeps tile shapes of two dense kernels (keys loaded through
+card. ``python -m benchmarks.dense_ceiling`` sweeps tile shapes of two dense kernels (keys loaded through
 pointers, as the fused pass loads them, and through tensor descriptors, the TMA path of Hopper), checks the
 best of each against SDPA, and prints their TFLOP/s beside SDPA's flash and cuDNN backends; ``--csv FILE``
 keeps the rows. B=2, H=4, D=64, bf16, non-causal: issue 4's headline shape.
@@ -20,7 +20,8 @@ import triton.language as tl
 from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from llsa.ops.llsa.interface import HEAD_DIMS, LOG2E
+from llsa.ops.common import LOG2E
+from llsa.ops.llsa.tuning import HEAD_DIMS
 
 
 @triton.jit

@@ -1,14 +1,14 @@
 """One attention layer's head split (QK RMSNorm + RoPE) and merge: the PyTorch formulas, eager and under
 torch.compile, against the ``llsa.ops.heads`` kernels, forward and forward+backward (GPU).
 
-``python -m ablations.bench_heads --tokens 65536 --batch 2 --heads 6 --dim 64`` (DiT-S at 256x256).
+``python -m benchmarks.bench_heads --tokens 65536 --batch 2 --heads 6 --dim 64`` (DiT-S at 256x256).
 """
 import argparse
 
 import torch
 from triton.testing import do_bench
 
-from llsa.models.dit import _token_grid
+from llsa.models.dit import token_grid
 from llsa.ops.heads import merge_heads, split_heads
 
 
@@ -24,7 +24,7 @@ def main(argv=None):
     if side * side != n:
         raise SystemExit(f"--tokens must be a square number, got {n}")
     dev = torch.device("cuda")
-    cos, sin, _ = _token_grid(side, side, (side, side), d, True, dev)
+    cos, sin, _ = token_grid(side, side, (side, side), d, True, dev)
     wq, wk = (torch.ones(d, device=dev, requires_grad=True) for _ in range(2))
     x = torch.randn(b, n, 3 * h * d, device=dev, dtype=torch.bfloat16, requires_grad=True)
     gs = [torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3)]

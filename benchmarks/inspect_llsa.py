@@ -1,9 +1,9 @@
 """Registers, spills, shared memory, matrix instructions and instructions per loop step of the LLSA kernels
 as compiled for an H100, on any machine (no GPU needed).
 
-``python -m ablations.inspect_llsa --dim 64 128`` compiles the fused query-owned pass (forward and dq) and
-the fine dk/dv kernel with the launch shapes ``interface.tune(d)`` gives them, and dense attention's loop
-(``ablations.dense_ceiling``) at the fused forward's tile for comparison, for sm_90a, reads the
+``python -m benchmarks.inspect_llsa --dim 64 128`` compiles the fused query-owned pass (forward and dq) and
+the fine dk/dv kernel with the launch shapes ``tuning.tune(d)`` gives them, and dense attention's loop
+(``benchmarks.dense_ceiling``) at the fused forward's tile for comparison, for sm_90a, reads the
 register and spill counts from ``ptxas -v``, and counts the SASS instructions of one step of each innermost
 loop (per warp; in the fused passes: enriched candidates, coarsest level, fine segment). Device time is
 scarce: a tile shape that spills, or fills an SM's shared memory, shows here before it is timed, and so does
@@ -22,11 +22,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ablations.dense_ceiling import dense_fwd_pointer_kernel
-from llsa.ops.llsa import interface as itf
+from benchmarks.dense_ceiling import dense_fwd_pointer_kernel
 from llsa.ops.llsa.bwd import llsa_kv_kernel
 from llsa.ops.llsa.fwd import llsa_q_kernel
 from llsa.ops.llsa.layout import Layout
+from llsa.ops.llsa.tuning import HEAD_DIMS, fused_shape, fused_steps, tune
+from llsa.ops.llsa.tuning import even as even_tiles
 
 H100 = GPUTarget("cuda", 90, 32)
 # pointer arguments that are not the input dtype
@@ -113,20 +114,20 @@ def kernels(d: int, even: bool = True) -> list[tuple[str, object, dict, dict]]:
     """(name, kernel, constexprs, launch options) of the kernels inspected, as launched at head dim ``d``
     with block 16 and 65,536 tokens in two levels (shared segments and the coarsest level), reweighting, bf16;
     ``even=False`` compiles the query-owned pass's masked path, which N off the B^L grid takes."""
-    t = itf.tune(d)
+    t = tune(d)
     out = []
     for pre, bwd in (("fwd_", False), ("dq_", True)):
         lay = Layout(65536, 16, 8, 2, 2)
-        shape = itf._fused_shape(lay, t, pre)
+        shape = fused_shape(lay, t, pre)
         options = {key: shape.pop(key) for key in ("num_warps", "num_stages", "maxnreg")}
         const = dict(B=16, D=d, FINE=False, SHARED=True, MERGE=False, TOP=True, REWEIGHT=True, BWD=bwd,
                      SWAP=False, PREC="tf32", WIDE=False, FUSED=True, MAKE_DELTA=bwd,
-                     EVEN=even and itf._even(lay, d ** -0.5, shape["BM"], itf._fused_steps(lay, shape)), **shape)
+                     EVEN=even and even_tiles(lay, d ** -0.5, shape["BM"], fused_steps(lay, shape)), **shape)
         out.append((f"fused {'dq' if bwd else 'forward'} (BM={shape['BM']})", llsa_q_kernel, const, options))
     const = dict(B=16, D=d, BMQ=t["kv_rows"], POOLED=True, REWEIGHT=True, PREC="tf32")
     out.append((f"fine dk/dv (BMQ={t['kv_rows']})", llsa_kv_kernel, const,
                 dict(num_warps=t["kv_warps"], num_stages=t["kv_stages"])))
-    # dense attention's loop (ablations/dense_ceiling.py) at the fused forward's rows, warps and stages and
+    # dense attention's loop (benchmarks/dense_ceiling.py) at the fused forward's rows, warps and stages and
     # its coarsest step's keys: what one step of the same products costs with no gathers, weights or masks
     rows, keys = t["fwd_rows"], t["fwd_top_keys"]
     out.append((f"dense loop (BM={rows}, BN={keys})", dense_fwd_pointer_kernel,
@@ -137,7 +138,7 @@ def kernels(d: int, even: bool = True) -> list[tuple[str, object, dict, dict]]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dim", type=int, nargs="+", default=[64, 128], choices=itf.HEAD_DIMS)
+    p.add_argument("--dim", type=int, nargs="+", default=[64, 128], choices=HEAD_DIMS)
     p.add_argument("--uneven", action="store_true",
                    help="the query-owned pass's masked path (N not a multiple of B^L) instead of the even one")
     args = p.parse_args(argv)

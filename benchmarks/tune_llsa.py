@@ -1,11 +1,11 @@
-"""Time the stages of the LLSA forward and sweep the kernels' launch shapes (``interface.TUNE``).
+"""Time the stages of the LLSA forward and sweep the kernels' launch shapes (``tuning.TUNE``).
 
-``python -m ablations.tune_llsa --n 65536 262144 --levels 2`` prints per-stage medians (pooling, selection,
+``python -m benchmarks.tune_llsa --n 65536 262144 --levels 2`` prints per-stage medians (pooling, selection,
 the query-owned pass) of CUDA-graph replays, which leave host time out. ``--sweep forward`` / ``--sweep
 backward`` tries every setting of one group of ``TUNE`` keys at a time (each group keeping the best of the
 groups before it), timing the whole forward or backward summed over the sizes; ``--write FILE`` saves the
 best ``TUNE`` as JSON. B=2, bf16, H=4 and D=64 unless ``--heads`` / ``--dim`` say otherwise; above D=64 the
-sweep sets and writes ``interface.TUNE_WIDE``'s overrides instead (``--dim 128 --heads 16``).
+sweep sets and writes ``tuning.TUNE_WIDE``'s overrides instead (``--dim 128 --heads 16``).
 Graph replay of small calls (``graphs.py``) is off here, so every setting really launches.
 """
 import argparse
@@ -15,9 +15,12 @@ import json
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
+from llsa.ops.common import LOG2E
 from llsa.ops.llsa import graphs
-from llsa.ops.llsa import interface as itf
+from llsa.ops.llsa.interface import llsa_attention_triton
+from llsa.ops.llsa.launch import QueryPass, launch_query_pass, pool_tuned, select_tuned
 from llsa.ops.llsa.layout import Layout
+from llsa.ops.llsa.tuning import TUNE, TUNE_WIDE, launch_shapes, tune
 
 # Groups of TUNE keys swept together, and the values tried.
 GROUPS = {
@@ -32,7 +35,7 @@ GROUPS = {
         "fused_kpi": dict(fwd_kpi=[1, 2, 4, 8]),
         "fused_top": dict(fwd_top_keys=[32, 64, 128]),
         # a register cap, so that more programs share an SM, with tiles small enough to spill little under it
-        # (ablations/inspect_llsa.py shows the spills of a shape without a GPU); slower everywhere in v11
+        # (benchmarks/inspect_llsa.py shows the spills of a shape without a GPU); slower everywhere in v11
         "fused_regs": dict(fwd_maxnreg=[None, 168], fwd_kpi=[2, 4], fwd_keys=[16, 32]),
         # all three key tiles at once: smaller ones together free registers and shared memory for a third
         # program per SM at D=128 (150 registers and 48 KB at 16 / 32 / 32 keys)
@@ -60,14 +63,14 @@ def stage_times(ns, levels, heads=4, dim=64):
         lay = Layout(n, 16, 8, levels, levels)
         meta = lay.meta("cuda")
         q, k, v = (torch.randn(2 * heads, n, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        t = itf.tune(dim)
+        t = tune(dim)
         pkv = torch.empty(2, 2 * heads, lay.n_pool, dim, device="cuda", dtype=q.dtype)
 
         def pool():
-            return itf.pool_tuned(q, k, v, lay, t, kv_out=pkv)
+            return pool_tuned(q, k, v, lay, t, kv_out=pkv)
 
         pooled = pool()
-        sel = itf.select_tuned(pooled, lay, t)
+        sel = select_tuned(pooled, lay, t)
         o = torch.empty_like(q)
         lse = torch.empty(2 * heads, n, device="cuda")
         part = torch.empty(2 * heads, n, dim, device="cuda")
@@ -75,18 +78,17 @@ def stage_times(ns, levels, heads=4, dim=64):
         # graph replays: eager timing adds host time, which hides the few microseconds selection's shapes
         # differ by
         t_pool = do_bench_cudagraph(pool, return_mode="median")
-        t_sel = do_bench_cudagraph(lambda: itf.select_tuned(pooled, lay, t), return_mode="median")
-        t_q = do_bench_cudagraph(lambda: itf._launch_q(lay, t, meta, q, k, v, pkv, sel, q, q, lse, lse, o, part,
-                                                       plse, dim ** -0.5 * itf.LOG2E, True, False),
-                                 return_mode="median")
+        t_sel = do_bench_cudagraph(lambda: select_tuned(pooled, lay, t), return_mode="median")
+        forward = QueryPass(lay, meta, q, k, v, pkv, sel, lse, o, dim ** -0.5 * LOG2E, reweight=True, part=part,
+                            plse=plse)
+        t_q = do_bench_cudagraph(lambda: launch_query_pass(forward, t), return_mode="median")
         print(f"N={n} L={levels}: pool {t_pool:.3f} ms, select {t_sel:.3f} ms, query-owned pass {t_q:.3f} ms")
 
 
 def sweep(direction: str, ns, levels, groups=None, heads=4, dim=64) -> dict:
-    """Coordinate descent over ``GROUPS[direction]``; returns the best shapes found (also left in place): all of
-    TUNE, or at a head dim above 64 the TUNE_WIDE overrides."""
-    target = itf.TUNE_WIDE if dim > 64 else itf.TUNE
-    graphs.ENABLED = False
+    """Coordinate descent over ``GROUPS[direction]``; returns the best shapes found: all of TUNE, or at a head
+    dim above 64 the TUNE_WIDE overrides. The library's own tables are left as they were."""
+    best = dict(TUNE_WIDE if dim > 64 else TUNE)
     calls = []
     for n in ns:
         lv = levels if n < 262144 else max(levels, 3)
@@ -95,24 +97,25 @@ def sweep(direction: str, ns, levels, groups=None, heads=4, dim=64) -> dict:
                    for _ in range(3))
         do = torch.randn_like(q)
         if direction == "forward":
-            calls.append(lambda q=q, k=k, v=v, kw=kw: itf.llsa_attention_triton(q, k, v, **kw))
+            calls.append(lambda q=q, k=k, v=v, kw=kw: llsa_attention_triton(q, k, v, **kw))
         else:
-            o = itf.llsa_attention_triton(q, k, v, **kw)
+            o = llsa_attention_triton(q, k, v, **kw)
             calls.append(lambda o=o, qkv=(q, k, v), do=do: torch.autograd.grad(o, qkv, do, retain_graph=True))
 
-    def total():
-        return sum(do_bench(call, return_mode="median") for call in calls)
+    def total(setting):
+        # every setting really launches: a graph replay would time the shapes it was captured with
+        with graphs.disabled(), launch_shapes(dim, **setting):
+            return sum(do_bench(call, return_mode="median") for call in calls)
 
-    print(f"start: {direction} {total():.3f} ms (summed over N={ns})")
+    print(f"start: {direction} {total(best):.3f} ms (summed over N={ns})")
     for group, space in GROUPS[direction].items():
         if groups and group not in groups:
             continue
         results = []
         for values in itertools.product(*space.values()):
             setting = dict(zip(space, values))
-            target.update(setting)
             try:
-                results.append((total(), setting))
+                results.append((total({**best, **setting}), setting))
             except Exception as e:
                 # a device fault poisons the context for every later setting: stop there
                 if type(e).__name__ == "AcceleratorError":
@@ -122,10 +125,10 @@ def sweep(direction: str, ns, levels, groups=None, heads=4, dim=64) -> dict:
                 continue
             print(f"{group} {setting}: {direction} {results[-1][0]:.3f} ms (summed over N={ns})")
         t, setting = min(results, key=lambda r: r[0])
-        target.update(setting)
+        best.update(setting)
         print(f"best {group}: {setting} ({t:.3f} ms)")
-    print(f"{'TUNE_WIDE' if dim > 64 else 'TUNE'} = {target}")
-    return dict(target)
+    print(f"{'TUNE_WIDE' if dim > 64 else 'TUNE'} = {best}")
+    return best
 
 
 def main(argv=None):
