@@ -1,2 +1,3 @@
-"""Ablation grids (``ablations.grid``: expand and train, ``run.py ablate``) and tables from TensorBoard logs
+"""Ablation grids and their tables: the grid file schema (``ablations.schema``), run folders and their markers
+(``ablations.runs``), the runner (``ablations.grid``, ``run.py ablate``) and tables from TensorBoard logs
 (``ablations.table``, ``run.py table``)."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ablations.grid import MISSING_VALUE, Grid, command_for
+from ablations.runs import command_for
+from ablations.schema import MISSING_VALUE, Grid
 from lightning_modules.config import ConfigError, load_config
 
 # stands in for a `???` value (given on the command line before a real run) while the config is checked

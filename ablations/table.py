@@ -27,7 +27,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from ablations.checks import check_runs_found
-from ablations.grid import DONE, FAILED, STARTED, Column, Grid, GridError, load_grid, read_marker
+from ablations.runs import DONE, FAILED, STARTED, read_marker
+from ablations.schema import Column, Grid, GridError, load_grid
 
 MISSING = "missing"
 _ABSENT = object()

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from ablations.grid import GridError, command_for, format_value, load_grid, main_ablate, run_state
+from ablations.grid import main_ablate
+from ablations.runs import command_for, run_state
+from ablations.schema import GridError, format_value, load_grid
 from ablations.table import main_table, read_scalars
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from llsa.attention.registry import register
-from llsa.ops.llsa import BACKENDS, llsa_attention
+from llsa.ops.common import check_backend
+from llsa.ops.llsa import llsa_attention
 
 
 @dataclass
@@ -29,8 +30,7 @@ class LLSAOptions:
             raise ValueError(f"llsa: `enrich_levels` must be >= 0 or None, got {self.enrich_levels}")
         if self.levels is not None and self.enrich_levels is not None and self.enrich_levels > self.levels:
             raise ValueError(f"llsa: `enrich_levels`={self.enrich_levels} exceeds `levels`={self.levels}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"llsa: `backend` must be one of {BACKENDS}, got {self.backend!r}")
+        check_backend("llsa", self.backend)
 
 
 @register("llsa", LLSAOptions)

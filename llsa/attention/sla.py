@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from llsa.attention.registry import register
-from llsa.ops.blocksparse.validate import check_backend, check_block_options
+from llsa.ops.blocksparse.validate import check_block_options
+from llsa.ops.common import check_backend
 from llsa.ops.sla import FEATURE_MAPS, sla_attention
 
 

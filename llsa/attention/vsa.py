@@ -4,7 +4,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from llsa.attention.registry import register
-from llsa.ops.blocksparse.validate import check_backend, check_block_options
+from llsa.ops.blocksparse.validate import check_block_options
+from llsa.ops.common import check_backend
 from llsa.ops.vsa import vsa_attention
 
 

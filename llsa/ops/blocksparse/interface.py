@@ -10,6 +10,7 @@ import torch
 import triton
 
 from llsa.ops.blocksparse.kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _count_kernel, _fill_kernel, _fwd_kernel
+from llsa.ops.blocksparse.validate import kernel_support
 from llsa.ops.common import LOG2E
 from llsa.ops.poison import poison
 
@@ -20,22 +21,10 @@ def _interpreting() -> bool:
 
 
 def check_kernel_inputs(name: str, q: torch.Tensor, block_size: int) -> None:
-    """What the kernels assume, each with the change that satisfies it."""
-    d = q.shape[-1]
-    if d < 16 or d > 256 or d & (d - 1):
-        raise ValueError(f"{name}: the Triton backend needs a power-of-two head dim in 16..256 (32, 64, 128 "
-                         f"are the tested ones), got D={d}; pad the heads or use backend='torch'")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"{name}: the Triton backend needs `block_size` to be a power of two >= 16, got "
-                         f"{block_size}; change `block_size` or use backend='torch'")
-    if q.device.type != "cuda" and not _interpreting():
-        raise RuntimeError(f"{name}: backend='triton' needs a CUDA tensor (got {q.device}) or TRITON_INTERPRET=1 "
-                           "set before llsa is imported; use backend='torch' on the CPU")
-    if q.dtype == torch.bfloat16 and _interpreting():
-        raise TypeError(f"{name}: bfloat16 is broken in the Triton interpreter; use float32/float16 or "
-                        "backend='torch' on the CPU")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"{name}: the Triton backend takes float16, bfloat16 or float32, got {q.dtype}")
+    """What the kernels assume, each with the change that satisfies it (``validate.kernel_support``)."""
+    why = kernel_support(q, block_size)
+    if why is not None:
+        raise ValueError(f"{name}: {why}")
 
 
 def transpose_blocks(idx: torch.Tensor, n_key_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:

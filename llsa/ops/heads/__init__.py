@@ -8,9 +8,8 @@ and one backward; elsewhere (or with ``backend="torch"``) plain PyTorch.
 import torch
 
 from llsa.ops.heads.naive import apply_rope, merge_heads_torch, split_heads_torch
+from llsa.ops.common import choose_backend
 from llsa.ops.validate import kernel_device_support
-
-BACKENDS = ("auto", "torch", "triton")
 
 
 def kernel_support(x: torch.Tensor, d: int) -> str | None:
@@ -21,14 +20,12 @@ def kernel_support(x: torch.Tensor, d: int) -> str | None:
 
 
 def _use_kernels(backend: str, x: torch.Tensor, d: int) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"heads: `backend` must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
+    if choose_backend("heads", backend, x, lambda: kernel_support(x, d)) == "torch":
         return False
     why = kernel_support(x, d)
-    if backend == "triton" and why is not None:
+    if why is not None:
         raise ValueError(f"heads backend='triton': {why}")
-    return why is None and (backend == "triton" or x.device.type == "cuda")
+    return True
 
 
 def split_heads(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,

@@ -1,24 +1,20 @@
 """Log-linear Sparse Attention: the public entry point and its backend dispatch."""
 import torch
 
+from llsa.ops.common import choose_backend
 from llsa.ops.llsa.levels import default_scale, keys_per_query
 from llsa.ops.llsa.naive import hierarchical_topk, llsa_attention_torch
 from llsa.ops.llsa.validate import check_enrich, check_qk
 
-BACKENDS = ("auto", "torch", "triton")
-
-
 def resolve_backend(backend: str, q: torch.Tensor, block_size: int) -> str:
-    """``auto``: the kernels on CUDA when they support these inputs, else the reference."""
-    if backend not in BACKENDS:
-        raise ValueError(f"llsa: `backend` must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if q.device.type != "cuda":
-            return "torch"
-        from llsa.ops.llsa.interface import kernel_support
+    """The path of one call (``llsa.ops.common.choose_backend``'s rule)."""
 
-        return "triton" if kernel_support(q, block_size) is None else "torch"
-    return backend
+    def why_not():
+        from llsa.ops.llsa.launch import kernel_support
+
+        return kernel_support(q, block_size)
+
+    return choose_backend("llsa", backend, q, why_not)
 
 
 def llsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 16,

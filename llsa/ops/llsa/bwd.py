@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from llsa.ops.common import K_LN2, K_LOG2E
+from llsa.ops.llsa.layout import POOL_OFF, SEL_OFF, SIZE, SPAN, WIDTH, level_field
 
 from llsa.ops.llsa.fwd import _cand_rows, _level_log2_weights, _log2_weight
 
@@ -79,8 +80,8 @@ def llsa_kv_kernel(Q, K, V, DO, LSE, DELTA, META, ROWPTR, IDX, DK, DV, DPK, DPV,
     i_u, i_bh = tl.program_id(0), tl.program_id(1)
     i_u = i_u.to(tl.int64)
     i_bh = i_bh.to(tl.int64)
-    n_up = tl.load(META + 6 + 0)
-    w_up = tl.load(META + 6 + 1)
+    n_up = level_field(META, 1, SIZE)
+    w_up = level_field(META, 1, WIDTH)
     o_d = tl.arange(0, D)
     o_r = i_u * B + tl.arange(0, B)
     m_r = o_r < N
@@ -97,8 +98,8 @@ def llsa_kv_kernel(Q, K, V, DO, LSE, DELTA, META, ROWPTR, IDX, DK, DV, DPK, DPV,
     m_t = m_r[None, :]
     if POOLED:
         for lp in range(1, levels + 1):
-            off_p = tl.load(META + lp * 6 + 3)
-            span_p = tl.load(META + lp * 6 + 4)
+            off_p = level_field(META, lp, POOL_OFF)
+            span_p = level_field(META, lp, SPAN)
             # the tile's B tokens all lie under one level-lp token (spans are multiples of B)
             i_a = i_u * B // span_p
             inv = 1.0 / (tl.minimum((i_a + 1) * span_p, N) - i_a * span_p).to(tl.float32)
@@ -126,12 +127,12 @@ def llsa_cand_kv_kernel(Q, PK, PV, DO, LSE, DELTA, META, SEL, PART_K, PART_V, N,
     i_bh = i_bh.to(tl.int64)
     i_a = (i_p // n_tiles).to(tl.int64)
     i_it = i_p % n_tiles
-    n_l = tl.load(META + lv * 6 + 0)
-    off_l = tl.load(META + lv * 6 + 3)
-    span_l = tl.load(META + lv * 6 + 4)
-    w_up = tl.load(META + (lv + 1) * 6 + 1)
-    sel_up = tl.load(META + (lv + 1) * 6 + 2)
-    span_q = tl.load(META + (lv + 1) * 6 + 4)
+    n_l = level_field(META, lv, SIZE)
+    off_l = level_field(META, lv, POOL_OFF)
+    span_l = level_field(META, lv, SPAN)
+    w_up = level_field(META, lv + 1, WIDTH)
+    sel_up = level_field(META, lv + 1, SEL_OFF)
+    span_q = level_field(META, lv + 1, SPAN)
     o_d = tl.arange(0, D)
     o_n = tl.arange(0, BN)
     o_row, m_row = _cand_rows(SEL + i_bh * n_sel + sel_up + i_a * w_up, None, w_up, i_it, n_l, o_n, B, KPI, 0, False)
@@ -158,10 +159,10 @@ def llsa_cand_reduce_kernel(PART_K, PART_V, META, ROWPTR, IDX, DPK, DPV, n_pool,
     i_u, i_bh = tl.program_id(0), tl.program_id(1)
     i_u = i_u.to(tl.int64)
     i_bh = i_bh.to(tl.int64)
-    n_l = tl.load(META + lv * 6 + 0)
-    off_l = tl.load(META + lv * 6 + 3)
-    n_up = tl.load(META + (lv + 1) * 6 + 0)
-    w_up = tl.load(META + (lv + 1) * 6 + 1)
+    n_l = level_field(META, lv, SIZE)
+    off_l = level_field(META, lv, POOL_OFF)
+    n_up = level_field(META, lv + 1, SIZE)
+    w_up = level_field(META, lv + 1, WIDTH)
     o_c = tl.arange(0, B)
     o_d = tl.arange(0, D)
     p_ptr = ROWPTR + i_bh * (n_up + 1) + i_u
@@ -189,9 +190,9 @@ def llsa_top_kv_kernel(Q, PK, PV, DO, LSE, DELTA, META, PDK, PDV, N, n_pool, lev
     i_t, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh = i_bh.to(tl.int64)
     n_bh = tl.num_programs(2).to(tl.int64)
-    n_t = tl.load(META + levels * 6 + 0)
-    off_t = tl.load(META + levels * 6 + 3)
-    span_t = tl.load(META + levels * 6 + 4)
+    n_t = level_field(META, levels, SIZE)
+    off_t = level_field(META, levels, POOL_OFF)
+    span_t = level_field(META, levels, SPAN)
     o_d = tl.arange(0, D)
     o_r = i_t.to(tl.int64) * BK + tl.arange(0, BK)
     m_r = o_r < n_t

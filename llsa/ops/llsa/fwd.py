@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from llsa.ops.common import K_LN2, K_LOG2E
+from llsa.ops.llsa.layout import POOL_OFF, SEL_OFF, SIZE, SPAN, WIDTH, level_field
 
 
 @triton.jit
@@ -338,11 +339,11 @@ def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PAR
         seg_hi = 1
     for lv in range(seg_lo, seg_hi):
         # row indices and counts within a level fit int32, which halves the cost of comparing them per key
-        n_l = tl.load(META + lv * 6 + 0).to(tl.int32)
-        off_l = tl.load(META + lv * 6 + 3)
-        span_l = tl.load(META + lv * 6 + 4)
-        k_up = tl.load(META + (lv + 1) * 6 + 1).to(tl.int32)
-        sel_up = tl.load(META + (lv + 1) * 6 + 2)
+        n_l = level_field(META, lv, SIZE).to(tl.int32)
+        off_l = level_field(META, lv, POOL_OFF)
+        span_l = level_field(META, lv, SPAN)
+        k_up = level_field(META, lv + 1, WIDTH).to(tl.int32)
+        sel_up = level_field(META, lv + 1, SEL_OFF)
         if lv == 0:
             p_k = K + i_bh * N * D
             p_v = V + i_bh * N * D
@@ -364,9 +365,9 @@ def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PAR
             b_acc, b_m, b_l = _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_acc,
                                       b_m, b_l, qk_scale, D, BWD, SWAP, PREC, WIDE, EVEN)
     if SHARED and TOP:
-        n_t = tl.load(META + levels * 6 + 0).to(tl.int32)
-        off_t = tl.load(META + levels * 6 + 3)
-        span_t = tl.load(META + levels * 6 + 4)
+        n_t = level_field(META, levels, SIZE).to(tl.int32)
+        off_t = level_field(META, levels, POOL_OFF)
+        span_t = level_field(META, levels, SPAN)
         p_k = PK + (i_bh * n_pool + off_t) * D
         p_v = PV + (i_bh * n_pool + off_t) * D
         w_full, w_last = _level_log2_weights(span_t, n_t, N)
@@ -378,10 +379,10 @@ def llsa_q_kernel(Q, K, V, PKV, kv_plane, SEL, META, O, DO, LSE, DELTA, OUT, PAR
             b_acc, b_m, b_l = _q_tile(b_q, b_do, b_lse2, b_delta, p_k, p_v, o_row, m_row, o_d, b_bias, b_acc,
                                       b_m, b_l, qk_scale, D, BWD, SWAP, PREC, WIDE, EVEN)
     if FUSED:
-        # level 1's picks (META row 1) hold each query block's fine key blocks
+        # level 1's picks hold each query block's fine key blocks
         _fused_fine(Q + i_bh * N * D, DO + i_bh * N * D, b_lse2, b_delta, b_acc, b_m, b_l, K + i_bh * N * D,
-                    V + i_bh * N * D, p_sel + tl.load(META + 6 + 2), tl.load(META + 6 + 1), tl.load(META + 6 + 0),
-                    i_qb, o_m, N, qk_scale, OUT + i_bh * N * D, LSE + i_bh * N, B, BM, D, FKPI, BWD, PREC, WIDE,
+                    V + i_bh * N * D, p_sel + level_field(META, 1, SEL_OFF), level_field(META, 1, WIDTH),
+                    level_field(META, 1, SIZE), i_qb, o_m, N, qk_scale, OUT + i_bh * N * D, LSE + i_bh * N, B, BM, D, FKPI, BWD, PREC, WIDE,
                     EVEN, KW)
     else:
         if BWD:

@@ -3,11 +3,27 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+import triton
+import triton.language as tl
 
 from llsa.ops.llsa.levels import level_sizes
 
 # Spans B^l are capped here; any span >= N behaves the same (one token covers everything).
 SPAN_CAP = 1 << 40
+
+# Layout.meta: one int64 row of META_ROW per level, these columns (read in the kernels by level_field)
+META_ROW: tl.constexpr = tl.constexpr(6)
+SIZE: tl.constexpr = tl.constexpr(0)
+WIDTH: tl.constexpr = tl.constexpr(1)
+SEL_OFF: tl.constexpr = tl.constexpr(2)
+POOL_OFF: tl.constexpr = tl.constexpr(3)
+SPAN: tl.constexpr = tl.constexpr(4)
+
+
+@triton.jit
+def level_field(META, lv, FIELD: tl.constexpr):
+    """Column ``FIELD`` (SIZE, WIDTH, SEL_OFF, POOL_OFF or SPAN) of level ``lv``'s row of ``Layout.meta``."""
+    return tl.load(META + lv * META_ROW + FIELD)
 
 
 @dataclass(frozen=True)
@@ -78,9 +94,10 @@ class Layout:
         return self.enrich == self.levels
 
     def meta(self, device) -> torch.Tensor:
-        """Per-level table read by the kernels (which hard-code its row width of 6):
+        """Per-level table read by the kernels: row ``lv`` holds, at the columns named above,
         ``[n_l, K_l, sel_off_l, pool_off_l, span_l, 0]``."""
         rows = [[self.sizes[lv], self.widths[lv], self.sel_off[lv], self.pool_off[lv], self.spans[lv], 0]
                 for lv in range(self.levels + 1)]
+        assert len(rows[0]) == META_ROW.value
         return torch.tensor(rows, dtype=torch.int64, device=device)
 

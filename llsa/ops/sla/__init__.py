@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from llsa.ops.blocksparse.validate import check_block_options, resolve_backend
+from llsa.ops.blocksparse.validate import check_block_options, kernel_support
+from llsa.ops.common import choose_backend
 from llsa.ops.validate import check_tensors
 from llsa.ops.sla.naive import EPS, FEATURE_MAPS, sla_attention_torch
 
@@ -37,7 +38,7 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight
     args = dict(block_size=block_size, topk=topk, feature_map=feature_map, scale=float(scale))
     # the linear branch cancels global against selected sums in float32: autocast must not round them
     with torch.autocast(q.device.type, enabled=False):
-        if resolve_backend("sla", backend, q.device) == "torch":
+        if choose_backend("sla", backend, q, lambda: kernel_support(q, block_size)) == "torch":
             return sla_attention_torch(q, k, v, proj_weight, proj_bias, **args)
         from llsa.ops.sla.interface import sla_attention_triton
 

@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from llsa.ops.blocksparse.validate import check_block_options, resolve_backend
+from llsa.ops.blocksparse.validate import check_block_options, kernel_support
+from llsa.ops.common import choose_backend
 from llsa.ops.validate import check_tensors
 from llsa.ops.vsa.naive import vsa_attention_torch
 
@@ -20,7 +21,8 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch
     blocks); the fine branch is exact attention over their tokens. ``gate`` (batch, heads, N, D) weighs
     the coarse branch per token and channel; ``None`` adds it ungated. ``scale`` defaults to 1/sqrt(D).
     ``backend``: ``"torch"`` (any device and dtype), ``"triton"`` (CUDA, or CPU under
-    ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton on CUDA). Returns q's shape and dtype.
+    ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton on CUDA where the kernels take the inputs, else the
+    reference). Returns q's shape and dtype.
     """
     check_tensors("vsa", q=q, k=k, v=v)
     check_block_options("vsa", block_size, topk)
@@ -32,7 +34,7 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch
     args = dict(block_size=block_size, topk=topk, scale=float(scale))
     # the float32 parts (pooled scores, the coarse branch) must stay float32 under mixed precision
     with torch.autocast(q.device.type, enabled=False):
-        if resolve_backend("vsa", backend, q.device) == "torch":
+        if choose_backend("vsa", backend, q, lambda: kernel_support(q, block_size)) == "torch":
             return vsa_attention_torch(q, k, v, gate, **args)
         from llsa.ops.vsa.interface import vsa_attention_triton
 
