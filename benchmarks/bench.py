@@ -179,7 +179,7 @@ def parse(argv):
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--levels", nargs="+", default=[], metavar="L|N:L",
                    help="LLSA levels: one number for every N, or N:L pairs (other N keep the spec's rule); "
-                        "issue 4's table: --levels 16384:2 65536:2")
+                        "the headline table: --levels 16384:2 65536:2")
     p.add_argument("--methods", nargs="+", default=["llsa", "vsa", "sla"],
                    help="sparse methods to time beside SDPA (llsa, vsa, sla)")
     p.add_argument("--cudagraph", action="store_true",

@@ -6,7 +6,7 @@ cheapest, so its best rate over tile shapes bounds what the fused pass can reach
 card. ``python -m benchmarks.dense_ceiling`` sweeps tile shapes of two dense kernels (keys loaded through
 pointers, as the fused pass loads them, and through tensor descriptors, the TMA path of Hopper), checks the
 best of each against SDPA, and prints their TFLOP/s beside SDPA's flash and cuDNN backends; ``--csv FILE``
-keeps the rows. B=2, H=4, D=64, bf16, non-causal: issue 4's headline shape.
+keeps the rows. B=2, H=4, D=64, bf16, non-causal: the headline shape of docs/benchmarks.md.
 """
 import argparse
 import csv

@@ -7,8 +7,8 @@ the fine dk/dv kernel with the launch shapes ``tuning.tune(d)`` gives them, and 
 register and spill counts from ``ptxas -v``, and counts the SASS instructions of one step of each innermost
 loop (per warp; in the fused passes: enriched candidates, coarsest level, fine segment). Device time is
 scarce: a tile shape that spills, or fills an SM's shared memory, shows here before it is timed, and so does
-work that should not be in a loop (v9 computed a software log2 per key in every shared step: ~30% of those
-steps' instructions, found here and removed in v10). The numbers are this machine's Triton's; to see what
+work that should not be in a loop (a software log2 per key in every shared step, for example, is ~30% of those
+steps' instructions and shows here at once). The numbers are this machine's Triton's; to see what
 the H100 machine runs, install its version beside the project's and put it first
 (``pip install --target /tmp/t36 triton==3.6.0``, then ``PYTHONPATH=/tmp/t36:.``).
 """

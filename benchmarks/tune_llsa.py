@@ -35,7 +35,7 @@ GROUPS = {
         "fused_kpi": dict(fwd_kpi=[1, 2, 4, 8]),
         "fused_top": dict(fwd_top_keys=[32, 64, 128]),
         # a register cap, so that more programs share an SM, with tiles small enough to spill little under it
-        # (benchmarks/inspect_llsa.py shows the spills of a shape without a GPU); slower everywhere in v11
+        # (benchmarks/inspect_llsa.py shows the spills of a shape without a GPU); slower at every measured shape
         "fused_regs": dict(fwd_maxnreg=[None, 168], fwd_kpi=[2, 4], fwd_keys=[16, 32]),
         # all three key tiles at once: smaller ones together free registers and shared memory for a third
         # program per SM at D=128 (150 registers and 48 KB at 16 / 32 / 32 keys)
