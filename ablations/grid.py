@@ -18,8 +18,8 @@ from pathlib import Path
 
 from ablations.runs import (DONE, FAILED, STARTED, base_name, command_for, default_runner, move_aside,
                             read_marker, recorded_overrides, run_state, shared_runs)
-from ablations.schema import (MISSING_VALUE, Grid, GridError, Run, format_value, load_grid, parse_overrides,
-                               select)
+from ablations.schema import (MISSING_VALUE, Grid, GridError, Run, format_value, is_input_name, load_grid,
+                               parse_overrides, select)
 
 LOG = "log.txt"
 
@@ -95,7 +95,8 @@ def run_grid(grids: Grid | list[Grid], out: str | os.PathLike, *, gpus: str = "a
     # largest images first (a stable sort, so grid order otherwise): the short runs then fill the GPUs
     # that finish early instead of one long run starting last
     todo.sort(key=lambda run: -_pixels(run))
-    missing = sorted({k for run in todo for k, v in run.overrides.items() if v == MISSING_VALUE})
+    # a value left at ??? is named by the grid input it comes from, else by its config key
+    missing = sorted({run.inputs.get(k, k) for run in todo for k, v in run.overrides.items() if v == MISSING_VALUE})
 
     if dry_run:
         for grid in grids:
@@ -273,6 +274,11 @@ def main_ablate(argv: list[str]) -> int:
         if not files:
             raise GridError("name at least one grid file, e.g. configs/ablations/table1a_small.yaml")
         grids = [select(load_grid(f, overrides, seeds=args.seeds), args.only) for f in files]
+        declared = sorted({name for grid in grids for name in grid.inputs})
+        for key in overrides:
+            if is_input_name(key) and key not in declared:
+                raise GridError(f"{key}=... is neither a config key (those are dotted, section.key) nor an input of "
+                                f"{' / '.join(g.name for g in grids)} (inputs: {', '.join(declared) or 'none'})")
         if args.only and not any(grid.runs for grid in grids):
             raise GridError(f"--only {' '.join(args.only)} matches no run; `--dry-run` lists the run names")
         grids = [grid for grid in grids if grid.runs]

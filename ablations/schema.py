@@ -10,6 +10,8 @@ Grid file format (see also ``configs/ablations/README.md``)::
       data.name: fashion_mnist
       train.max_steps: 500
     seeds: 3                     # optional: every row once per seed (0, 1, 2; or a list), each its own run
+    inputs:                      # optional: NAME -> value, given on the command line as NAME=value
+      init_128: ???              # (??? = required); a value "${init_128}" in the overrides or rows takes it
     rows:                        # EITHER explicit rows, in the order the table shows them ...
       - label: Full attention    # row label in the table; the run name is built from it
         name: full               # optional run-name part (default: the label, made filesystem-safe)
@@ -29,6 +31,13 @@ Grid file format (see also ``configs/ablations/README.md``)::
 Values are YAML (loaded with OmegaConf, so ``1e-4`` is a float and ``${train.max_steps}`` stays an
 interpolation for the trainer to resolve). ``???`` marks a value the user must give on the command
 line (``data.path=...``); the runner refuses to start while one is left.
+
+``inputs`` are values that differ between rows but come from the command line, such as the checkpoint each
+resolution of a grid starts from: rows set ``train.init_from: "${init_128}"`` or ``"${init_256}"`` and the
+user passes ``init_128=A.ckpt init_256=B.ckpt``. An input name is a word without dots (dotted keys are
+config keys), a reference is a whole value ``"${NAME}"`` (quoted in a flow mapping) in ``overrides``, a row's
+``set`` or an axis, and every declared input must be referenced. Input values are scalars; an input left at
+``???`` is refused by the runner like any other ``???``.
 
 Precedence, lowest first: ``base`` < ``overrides`` < the row's ``set`` (or the axis values) < extra
 ``key=value`` arguments of ``run.py ablate``. The runner appends ``run.name`` and ``run.out_dir``.
@@ -54,13 +63,15 @@ import yaml
 from omegaconf import OmegaConf
 
 MISSING_VALUE = "???"
-GRID_KEYS = {"name", "description", "base", "overrides", "seeds", "rows", "axes", "table"}
+GRID_KEYS = {"name", "description", "base", "overrides", "seeds", "inputs", "rows", "axes", "table"}
 SEED_KEY = "run.seed"
 ROW_KEYS = {"label", "name", "set", "paper"}
 COLUMN_KEYS = {"key", "tag", "config", "reduce", "scale", "header", "format"}
 TABLE_KEYS = {"label", "columns", "plot", "curve"}
 REDUCTIONS = ("last", "first", "min", "max", "mean", "median")
 DEFAULT_COLUMNS = ["val/fid (last)", "perf/tokens_per_s (median)"]
+INPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+INPUT_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +108,8 @@ class Run:
     paper: dict[str, float]
     # the training seed when the grid repeats its rows over seeds, else None
     seed: int | None = None
+    # config key -> the grid input ("${NAME}") its value came from
+    inputs: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -107,6 +120,8 @@ class Grid:
     base: Path | None
     runs: list[Run]
     table: TableSpec
+    # the grid's inputs: name -> value (from the command line, else the file's default, possibly ???)
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class GridError(ValueError):
@@ -257,8 +272,57 @@ def parse_seeds(value: Any, where: str) -> list[int] | None:
     return seeds
 
 
+def is_input_name(key: str) -> bool:
+    """Whether a command-line ``key=value`` names a grid input rather than a (dotted) config key."""
+    return "." not in key
+
+
+def parse_inputs(spec: Any, given: dict[str, Any], where: str) -> dict[str, Any]:
+    """A grid's ``inputs``: name -> value, the command line's ``NAME=value`` over the file's default."""
+    inputs = _flat_mapping(spec, f"{where}: `inputs`")
+    for name in inputs:
+        if not INPUT_NAME.fullmatch(name):
+            raise GridError(f"{where}: input name {name!r} must be a word (letters, digits, _) without dots; "
+                            "dotted keys are config keys")
+    values = {name: given.get(name, default) for name, default in inputs.items()}
+    for name, value in values.items():
+        if isinstance(value, (dict, list)):
+            source = "on the command line" if name in given else "in `inputs`"
+            raise GridError(f"{where}: input {name} must be a single value (a path, number, true/false or null), "
+                            f"got {value!r} {source}")
+    return values
+
+
+def _fill_inputs(setting: dict[str, Any], inputs: dict[str, Any], used: set[str], filled: dict[str, str],
+                 what: str) -> dict[str, Any]:
+    """``setting`` with every ``"${NAME}"`` value replaced by input NAME's value; records the names ``used``
+    and, per config key, the input it was ``filled`` from."""
+    out = {}
+    for key, value in setting.items():
+        if isinstance(value, str) and INPUT_REF.search(value):
+            m = INPUT_REF.fullmatch(value)
+            if not m:
+                raise GridError(f"{what}: {key}={value!r}: an input reference \"${{NAME}}\" must be the whole "
+                                "value")
+            name = m.group(1)
+            if name not in inputs:
+                raise GridError(f"{what}: {key}={value!r} names no input of this grid; declare it under `inputs:` "
+                                f"(declared: {sorted(inputs) or 'none'})")
+            used.add(name)
+            filled[key] = name
+            value = inputs[name]
+        else:
+            # a plain value here replaces one an earlier level took from an input
+            filled.pop(key, None)
+        out[key] = value
+    return out
+
+
 def load_grid(path: str | os.PathLike, extra: dict[str, Any] | None = None, seeds: int | None = None) -> Grid:
     """Read grid file ``path`` and expand it into runs; ``extra`` overrides win over everything in the file.
+
+    Keys of ``extra`` without a dot are input values (``init_128=...``); those this grid does not declare are
+    left for the other grids of the call (``run.py ablate`` refuses one that no grid declares).
 
     ``seeds`` (``run.py ablate --seeds N``) replaces the file's ``seeds``: every row is trained with seeds
     0..N-1, each into its own folder ``<grid>-<row>-s<seed>``."""
@@ -269,7 +333,8 @@ def load_grid(path: str | os.PathLike, extra: dict[str, Any] | None = None, seed
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except yaml.YAMLError as err:
-        raise GridError(f"{where} is not valid YAML (write ??? in block style, `key: ???`): {err}") from None
+        raise GridError(f"{where} is not valid YAML (write ??? in block style, `key: ???`, and quote \"${{NAME}}\" "
+                        f"in a flow mapping): {err}") from None
     if not isinstance(raw, dict):
         raise GridError(f"{where}: a grid file is a mapping with keys {sorted(GRID_KEYS)}")
     _reject_unknown(raw, GRID_KEYS, f"{where}: the grid file")
@@ -282,8 +347,13 @@ def load_grid(path: str | os.PathLike, extra: dict[str, Any] | None = None, seed
         if not base.is_file():
             raise GridError(f"{where}: base config {raw['base']!r} not found (looked at {base}); "
                             "`base` is relative to the grid file")
-    common = _flat_mapping(raw.get("overrides"), f"{where}: `overrides`")
     extra = dict(extra or {})
+    given = {k: extra.pop(k) for k in list(extra) if is_input_name(k)}
+    inputs = parse_inputs(raw.get("inputs"), given, where)
+    used: set[str] = set()
+    common_from: dict[str, str] = {}
+    common = _fill_inputs(_flat_mapping(raw.get("overrides"), f"{where}: `overrides`"), inputs, used, common_from,
+                          f"{where}: `overrides`")
     seed_list = parse_seeds(seeds if seeds is not None else raw.get("seeds"), where)
     if seed_list is not None and SEED_KEY in extra:
         raise GridError(f"{where}: the grid repeats its rows over seeds {seed_list}; drop the override "
@@ -307,8 +377,10 @@ def load_grid(path: str | os.PathLike, extra: dict[str, Any] | None = None, seed
             part = slugify(row.get("name") or row["label"])
             if not part:
                 raise GridError(f"{where}: row {i} label {row['label']!r} gives an empty run name; add `name:`")
-            points.append((part, str(row["label"]),
-                           _flat_mapping(row.get("set"), f"{where}: row {i} `set`"), paper))
+            filled = dict(common_from)
+            setting = _fill_inputs(_flat_mapping(row.get("set"), f"{where}: row {i} `set`"), inputs, used, filled,
+                                   f"{where}: row {i} ({row['label']!r})")
+            points.append((part, str(row["label"]), setting, paper, filled))
     else:
         axes = _flat_mapping(raw["axes"], f"{where}: `axes`")
         if not axes or not all(isinstance(v, list) and v for v in axes.values()):
@@ -321,26 +393,35 @@ def load_grid(path: str | os.PathLike, extra: dict[str, Any] | None = None, seed
             setting = dict(zip(axes, combo))
             part = slugify("-".join(_value_part(leaves[k], v) for k, v in setting.items()))
             label = ", ".join(f"{leaves[k]}={format_value(v)}" for k, v in setting.items())
-            points.append((part, label, setting, {}))
+            filled = dict(common_from)
+            setting = _fill_inputs(setting, inputs, used, filled, f"{where}: `axes`")
+            points.append((part, label, setting, {}, filled))
+    unused = sorted(set(inputs) - used)
+    if unused:
+        raise GridError(f"{where}: input(s) {unused} are declared but no value uses them; reference one as "
+                        f"\"${{{unused[0]}}}\" or drop it from `inputs`")
 
     runs, seen = [], {}
-    for part, label, setting, paper in points:
+    for part, label, setting, paper, filled in points:
         name = f"{grid_name}-{part}"
         if name in seen:
             raise GridError(f"{where}: rows {seen[name]!r} and {label!r} both give run name {name!r}; "
                             "give one of them a distinct `name:`")
         seen[name] = label
         overrides = {**common, **setting, **extra}
+        # a command-line value for the key itself wins over the input it came from
+        filled = {k: v for k, v in filled.items() if k not in extra}
         if seed_list is None:
-            runs.append(Run(name=name, label=label, overrides=overrides, varied=dict(setting), paper=paper))
+            runs.append(Run(name=name, label=label, overrides=overrides, varied=dict(setting), paper=paper,
+                            inputs=filled))
             continue
         if SEED_KEY in setting:
             raise GridError(f"{where}: row {label!r} sets {SEED_KEY}, but the grid repeats every row over `seeds`")
         for seed in seed_list:
             runs.append(Run(name=f"{name}-s{seed}", label=label, overrides={**overrides, SEED_KEY: seed},
-                            varied=dict(setting), paper=paper, seed=seed))
+                            varied=dict(setting), paper=paper, seed=seed, inputs=filled))
     return Grid(name=grid_name, path=path, description=str(raw.get("description") or "").strip(),
-                base=base, runs=runs, table=table)
+                base=base, runs=runs, table=table, inputs=inputs)
 
 
 def select(grid: Grid, patterns: list[str] | None) -> Grid:

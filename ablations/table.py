@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from ablations.checks import check_runs_found
 from ablations.runs import DONE, FAILED, STARTED, read_marker
-from ablations.schema import Column, Grid, GridError, load_grid
+from ablations.schema import MISSING_VALUE, Column, Grid, GridError, load_grid
 
 MISSING = "missing"
 _ABSENT = object()
@@ -74,8 +74,9 @@ def _config_differences(config: Any, varied: dict[str, Any]) -> list[str]:
     """Keys the row sets whose value in the run's resolved config is something else."""
     bad = []
     for key, want in varied.items():
-        # None means "automatic" and an interpolation resolves to something else: nothing to compare
-        if want is None or (isinstance(want, str) and "${" in want):
+        # None means "automatic", an interpolation resolves to something else and ??? is given on the command
+        # line: nothing to compare
+        if want is None or want == MISSING_VALUE or (isinstance(want, str) and "${" in want):
             continue
         got = OmegaConf.select(config, key, default=_ABSENT)
         if got is _ABSENT or got != want:
@@ -98,7 +99,8 @@ def collect(grid: Grid, out: str | Path) -> list[dict[str, Any]]:
         config = None
         if (run_dir / "config.yaml").is_file():
             config = OmegaConf.load(run_dir / "config.yaml")
-            diff = _config_differences(config, run.varied)
+            # values from the grid's inputs were given to `run.py ablate`, not to this command
+            diff = _config_differences(config, {k: v for k, v in run.varied.items() if k not in run.inputs})
             if diff:
                 record["status"] += f"; config differs: {', '.join(diff)}"
         for col in grid.table.columns:

@@ -7,6 +7,7 @@ timed only after it passes a correctness check against its plain-PyTorch referen
 """
 import argparse
 import csv
+import itertools
 import math
 import os
 import statistics
@@ -16,6 +17,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from llsa.testing import flash_rule_failure
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The correctness check runs at min(N, this) on one (batch, head): every level is exercised, and the
@@ -110,40 +113,61 @@ def check(method: Method, n: int, b: int, h: int, d: int, dtype) -> str | None:
     low = method.reference(*xl)
     g_low = torch.autograd.grad(low, xl, do)
     for name, a, r, lo in [("o", o, ref, low)] + list(zip(("dq", "dk", "dv"), g, g_ref, g_low)):
-        err = (a.float() - r).abs().max().item()
-        bound = 2 * (lo.float() - r).abs().max().item() + 1e-3 * r.abs().max().item() + 1e-6
-        if not math.isfinite(err) or err > bound:
-            return f"{name}: error {err:.3e} > bound {bound:.3e}"
+        failure = flash_rule_failure(name, a, r, lo)
+        if failure is not None:
+            return failure
     return None
 
 
-def time_method(fn, q, k, v, do, graph: bool = False, repeat: int = 1) -> dict[str, float | str]:
-    """Median ms of forward and forward+backward; with ``graph``, also replayed from a CUDA graph, which
-    takes the host (Python, launches) out of the time and leaves the GPU's own. With ``repeat`` > 1 the
-    eager timings are the median of that many ``do_bench`` medians, and their range is kept: where the
-    host bounds a call, its time moves with the machine's scheduling from one run to the next."""
-    from triton.testing import do_bench, do_bench_cudagraph
+def time_method(fn, sets, graph: bool = False, repeat: int = 1, bench=None, bench_graph=None
+                ) -> dict[str, float | str]:
+    """Median ms of forward and forward+backward, two ways: on the first of ``sets`` (tuples q, k, v, do)
+    every call, and cycling through all of them (``*_cycle_ms``), as a model's layers call attention on
+    different tensors. The first is the best case for CUDA graphs the op binds to its callers' tensors; the
+    second is what a deep model sees. With ``graph``, the one-set passes are also replayed from a CUDA graph
+    of the whole call, which takes the host (Python, launches) out and leaves the GPU's own time. With
+    ``repeat`` > 1 each timing is the median of that many ``do_bench`` medians, and their range is kept: where
+    the host bounds a call, its time moves with the machine's scheduling from one run to the next.
+    ``bench``/``bench_graph`` default to ``triton.testing.do_bench``/``do_bench_cudagraph``."""
+    if bench is None:
+        from triton.testing import do_bench as bench, do_bench_cudagraph as bench_graph
 
-    def fwd():
-        fn(q, k, v)
+    def passes(pool):
+        turn = itertools.cycle(pool)
 
-    def step():
-        fn(q, k, v).backward(do)
+        def fwd():
+            q, k, v, _ = next(turn)
+            fn(q, k, v)
+
+        def step():
+            q, k, v, do = next(turn)
+            fn(q, k, v).backward(do)
+
+        leaves = [x for q, k, v, _ in pool for x in (q, k, v)]
+        return (("fwd", fwd, None), ("fwdbwd", step, leaves))
 
     out: dict[str, float | str] = {}
-    for key, f, grads in (("fwd_ms", fwd, None), ("fwdbwd_ms", step, [q, k, v])):
-        runs = [do_bench(f, warmup=25, rep=100, grad_to_none=grads, return_mode="median") for _ in range(repeat)]
-        out[key] = statistics.median(runs)
-        if repeat > 1:
-            out[f"{key}_range"] = f"{min(runs):.3f}-{max(runs):.3f}"
+    for suffix, pool in (("", sets[:1]), ("_cycle", sets)):
+        for pass_, f, grads in passes(pool):
+            key = f"{pass_}{suffix}_ms"
+            runs = [bench(f, warmup=25, rep=100, grad_to_none=grads, return_mode="median") for _ in range(repeat)]
+            out[key] = statistics.median(runs)
+            if repeat > 1:
+                out[f"{key}_range"] = f"{min(runs):.3f}-{max(runs):.3f}"
     if graph:
-        for key, f, grads in (("fwd_graph_ms", fwd, None), ("fwdbwd_graph_ms", step, [q, k, v])):
+        for pass_, f, grads in passes(sets[:1]):
             try:
-                out[key] = do_bench_cudagraph(f, rep=100, grad_to_none=grads, return_mode="median")
+                out[f"{pass_}_graph_ms"] = bench_graph(f, rep=100, grad_to_none=grads, return_mode="median")
             except Exception as err:  # a capture failure is a finding to report, not a crash
-                out[key] = f"capture failed: {type(err).__name__}"
+                out[f"{pass_}_graph_ms"] = f"capture failed: {type(err).__name__}"
                 torch.cuda.synchronize()
     return out
+
+
+def sets_that_fit(want: int, elements: int, element_bytes: int, free_bytes: int) -> int:
+    """How many tensor sets (q, k, v, do and the three gradients: 7 tensors of ``elements``) fit in a
+    quarter of ``free_bytes``, at most ``want`` and at least one."""
+    return max(1, min(want, free_bytes // 4 // (7 * elements * element_bytes)))
 
 
 def device_line() -> str:
@@ -184,6 +208,9 @@ def parse(argv):
                    help="sparse methods to time beside SDPA (llsa, vsa, sla)")
     p.add_argument("--cudagraph", action="store_true",
                    help="also time every method replayed from a CUDA graph (GPU time without host overhead)")
+    p.add_argument("--sets", type=int, default=24,
+                   help="distinct q/k/v sets the cycle timing calls in turn, as a model of that many layers "
+                        "(fewer where they would not fit in a quarter of free GPU memory; the table says)")
     p.add_argument("--repeat", type=int, default=1,
                    help="time each eager pass this many times and report the median (and the range)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.csv and bench.png")
@@ -192,8 +219,8 @@ def parse(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if args.repeat < 1:
-        print(f"bench: --repeat must be >= 1, got {args.repeat}", file=sys.stderr)
+    if args.repeat < 1 or args.sets < 1:
+        print(f"bench: --repeat and --sets must be >= 1, got {args.repeat} and {args.sets}", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("bench: needs a CUDA GPU (the kernels are timed against FlashAttention)", file=sys.stderr)
@@ -221,13 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     print(device_line())
     print(f"B={b} H={h} D={d} {args.dtype} block={args.block} topk={args.topk}")
     rows = []
+    from llsa.ops.llsa import graphs
+
     for n in args.n:
         torch.manual_seed(n)
-        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype).requires_grad_() for _ in range(3))
-        do = torch.randn_like(q)
+        count = sets_that_fit(args.sets, b * h * n * d, dtype.itemsize, torch.cuda.mem_get_info()[0])
+        if count < args.sets:
+            print(f"bench: N={n}: the cycle uses {count} tensor sets, not {args.sets}: more would not fit")
+        sets = [tuple(torch.randn(b, h, n, d, device="cuda", dtype=dtype).requires_grad_(i < 3) for i in range(4))
+                for _ in range(count)]
+        q = sets[0][0]
         dense = 4 * b * h * n * n * d
-        base = time_method(sdpa, q, k, v, do, args.cudagraph, args.repeat)
-        rows.append(dict(n=n, method="sdpa", levels="", keys=n, **base,
+        base = time_method(sdpa, sets, args.cudagraph, args.repeat)
+        rows.append(dict(n=n, method="sdpa", levels="", keys=n, sets=count, **base,
                          **_rates(base, base, executed=dense, dense=dense)))
         print(_row_line(rows[-1]), flush=True)
         for m in methods:
@@ -238,36 +271,47 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(dict(n=n, method=m.name, levels="", keys="", fwd_ms="failed",
                                      fwdbwd_ms="failed"))
                     continue
-                times = time_method(m.run, q, k, v, do, args.cudagraph, args.repeat)
+                times = time_method(m.run, sets, args.cudagraph, args.repeat)
             except torch.OutOfMemoryError:
                 print(f"bench: {m.name} at N={n} ran out of GPU memory")
                 rows.append(dict(n=n, method=m.name, levels="", keys="", fwd_ms="oom", fwdbwd_ms="oom"))
                 torch.cuda.empty_cache()
                 continue
             keys = m.keys_per_query(n)
+            # LLSA's small eager calls replay a CUDA graph inside the op (llsa.ops.llsa.graphs)
+            replay = "yes" if m.name == "llsa" and graphs.usable(q) else ""
             rows.append(dict(n=n, method=m.name, levels=levels_for(n) if m.name == "llsa" else "", keys=keys,
-                             **times, **_rates(times, base, executed=4 * b * h * n * keys * d, dense=dense)))
+                             sets=count, op_graph=replay, **times,
+                             **_rates(times, base, executed=4 * b * h * n * keys * d, dense=dense)))
             print(_row_line(rows[-1]), flush=True)
-        del q, k, v, do
+        del q, sets
         torch.cuda.empty_cache()
     write_outputs(rows, args.out, f"{device_line()} | B={b} H={h} D={d} {args.dtype}")
     return 0
 
 
-COLUMNS = ["n", "method", "levels", "keys", "fwd_ms", "fwdbwd_ms", "fwd_speedup", "fwdbwd_speedup",
+# op_graph "yes": the op replayed a CUDA graph inside each call; the one-set columns are then its bound-graph
+# best case, the cycle columns what a model with ``sets`` layers sees
+COLUMNS = ["n", "method", "levels", "keys", "op_graph", "sets",
+           "fwd_ms", "fwdbwd_ms", "fwd_speedup", "fwdbwd_speedup",
            "fwd_tflops_exec", "fwd_tflops_dense", "fwdbwd_tflops_exec", "fwdbwd_tflops_dense",
-           "fwd_graph_ms", "fwdbwd_graph_ms", "fwd_graph_speedup", "fwdbwd_graph_speedup", "fwd_ms_range",
-           "fwdbwd_ms_range"]
+           "fwd_cycle_ms", "fwdbwd_cycle_ms", "fwd_cycle_speedup", "fwdbwd_cycle_speedup",
+           "fwd_cycle_tflops_exec", "fwd_cycle_tflops_dense", "fwdbwd_cycle_tflops_exec", "fwdbwd_cycle_tflops_dense",
+           "fwd_graph_ms", "fwdbwd_graph_ms", "fwd_graph_speedup", "fwdbwd_graph_speedup",
+           "fwd_ms_range", "fwdbwd_ms_range", "fwd_cycle_ms_range", "fwdbwd_cycle_ms_range"]
 
 
 def _rates(times: dict, base: dict, executed: float, dense: float) -> dict[str, float]:
     """Speed-ups over SDPA (``base``) and TFLOP/s; the backward counts 2.5x the forward's FLOPs."""
     out = {}
     for pass_, flops in (("fwd", 1.0), ("fwdbwd", 3.5)):
-        t = times[f"{pass_}_ms"]
-        out[f"{pass_}_speedup"] = base[f"{pass_}_ms"] / t
-        out[f"{pass_}_tflops_exec"] = flops * executed / t / 1e9
-        out[f"{pass_}_tflops_dense"] = flops * dense / t / 1e9
+        for mode in ("", "_cycle"):
+            t = times.get(f"{pass_}{mode}_ms")
+            if not isinstance(t, float):
+                continue
+            out[f"{pass_}{mode}_speedup"] = base[f"{pass_}{mode}_ms"] / t
+            out[f"{pass_}{mode}_tflops_exec"] = flops * executed / t / 1e9
+            out[f"{pass_}{mode}_tflops_dense"] = flops * dense / t / 1e9
         graph, graph_base = times.get(f"{pass_}_graph_ms"), base.get(f"{pass_}_graph_ms")
         if isinstance(graph, float) and isinstance(graph_base, float):
             out[f"{pass_}_graph_speedup"] = graph_base / graph
@@ -313,9 +357,14 @@ def plot(rows, path, title):
         axes[0].plot(ns, [r["fwd_ms"] for r in pts], "o-", label=f"{method} fwd")
         axes[0].plot(ns, [r["fwdbwd_ms"] for r in pts], "s--", label=f"{method} fwd+bwd")
         if method != "sdpa":
-            axes[1].plot(ns, [r["fwd_speedup"] for r in pts], "o-", label=f"{method} fwd")
-            axes[1].plot(ns, [r["fwdbwd_speedup"] for r in pts], "s--", label=f"{method} fwd+bwd")
-    for ax, ylabel in zip(axes, ["time (ms)", "speed-up over SDPA (flash)"]):
+            axes[1].plot(ns, [r["fwd_speedup"] for r in pts], "o-", label=f"{method} fwd, one set")
+            axes[1].plot(ns, [r["fwdbwd_speedup"] for r in pts], "s--", label=f"{method} fwd+bwd, one set")
+            cyc = [r for r in pts if isinstance(r.get("fwd_cycle_speedup"), float)]
+            if cyc:
+                cn = [r["n"] for r in cyc]
+                axes[1].plot(cn, [r["fwd_cycle_speedup"] for r in cyc], "o:", label=f"{method} fwd, cycle")
+                axes[1].plot(cn, [r["fwdbwd_cycle_speedup"] for r in cyc], "s:", label=f"{method} fwd+bwd, cycle")
+    for ax, ylabel in zip(axes, ["time (ms), one tensor set", "speed-up over SDPA (flash)"]):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length N")

@@ -30,8 +30,16 @@ def gatherer(pl_module):
     return lambda t: pl_module.all_gather(t.to(pl_module.device))
 
 
+# grid cells are drawn at least this many pixels wide, so a grid of 16x16 samples is not a thumbnail
+MIN_CELL = 64
+
+
 def save_grid(images: torch.Tensor, path: Path) -> torch.Tensor:
-    """Images (B, C, H, W) in [0, 1] as a near-square grid PNG at ``path``; returns the grid."""
+    """Images (B, C, H, W) in [0, 1] as a near-square grid PNG at ``path``; returns the grid. Images smaller
+    than ``MIN_CELL`` are enlarged by a whole factor, each pixel a square (nearest neighbour), not smoothed."""
+    factor = max(1, -(-MIN_CELL // images.shape[-1]))
+    if factor > 1:
+        images = images.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
     grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=1, pad_value=1.0)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, path)

@@ -90,7 +90,8 @@ class ImageFolderDataset(Dataset):
             if loose:
                 raise DataNotFoundError(
                     f"data.class_labels=true takes labels from subfolders of {str(root)!r}, but {len(loose)} "
-                    f"image(s) sit directly in it (e.g. {loose[0]!r}); move them into a class folder")
+                    f"image(s) sit directly in it (e.g. {loose[0]!r}); move them into a class folder, or set "
+                    "data.class_labels=false for an unconditional model")
             self.classes = sorted({parts[0] for parts in rel})
             index = {c: i for i, c in enumerate(self.classes)}
             self.labels = [index[parts[0]] for parts in rel]

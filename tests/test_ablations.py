@@ -108,6 +108,11 @@ axes:
     ("rows: [{label: a}]\ntable: {columns: ['val/fid (avg)']}", "reduce='avg'"),
     ("rows: [{label: '+++'}]", "add `name:`"),
     ("rows: [{label: a, set: {x: ???}}]", "not valid YAML"),
+    ("rows: [{label: a, set: {train.init_from: '${ckpt}'}}]", "names no input of this grid"),
+    ("inputs: {ckpt: a}\nrows: [{label: a}]", "declared but no value uses them"),
+    ("inputs: {ckpt: a}\nrows: [{label: a, set: {train.init_from: 'runs/${ckpt}/last.ckpt'}}]", "whole value"),
+    ("inputs: {data.path: a}\nrows: [{label: a, set: {x: '${data.path}'}}]", "without dots"),
+    ("inputs: {ckpt: [a, b]}\nrows: [{label: a, set: {train.init_from: '${ckpt}'}}]", "single value"),
 ])
 def test_bad_grids_say_what_to_change(tmp_path, text, message):
     with pytest.raises(GridError, match=re.escape(message)):
@@ -151,9 +156,16 @@ def test_every_grid_file_expands(path, tmp_path):
             options_for(name, **options)
 
 
+def user_values(path: Path, tmp_path: Path) -> dict | None:
+    """What the user adds to ``run.py ablate`` for a paper-size grid: the data folder and every input."""
+    if path.stem.endswith("_small"):
+        return None
+    return {"data.path": str(tmp_path), **{name: str(tmp_path / f"{name}.ckpt") for name in load_grid(path).inputs}}
+
+
 @pytest.mark.parametrize("path", GRIDS, ids=[p.stem for p in GRIDS])
 def test_every_run_is_a_valid_trainer_config(path, tmp_path):
-    grid = load_grid(path, extra={"data.path": str(tmp_path)} if not path.stem.endswith("_small") else None)
+    grid = load_grid(path, extra=user_values(path, tmp_path))
     for run in grid.runs:
         # exactly the arguments the trainer gets: unknown keys, bad types and bad settings raise
         cfg = resolved(grid, run, tmp_path)
@@ -188,6 +200,82 @@ def test_baselines_get_llsa_key_budget(path, tmp_path):
                 assert o["model.attention.options.topk"] * o["model.attention.options.block_size"] == keys, res
                 if matched_topk is not None:
                     assert o["model.attention.options.topk"] == matched_topk(res * res, **opt_budget(opt)), res
+
+
+PAPER_GRIDS = [p for p in GRIDS if not p.stem.endswith("_small")]
+
+
+@pytest.mark.parametrize("path", PAPER_GRIDS, ids=[p.stem for p in PAPER_GRIDS])
+def test_paper_grids_fine_tune_each_resolution_from_its_own_checkpoint_with_the_papers_ema(path, tmp_path):
+    from lightning_modules.config import load_config
+
+    experiments = sorted((REPO / "configs" / "experiments").glob("ffhq*.yaml"))
+    ema = {load_config(p).train.ema_decay for p in experiments}
+    assert len(ema) == 1
+    grid = load_grid(path, extra=user_values(path, tmp_path))
+    start = {}
+    for run in grid.runs:
+        cfg = resolved(grid, run, tmp_path)
+        assert cfg.train.ema_decay in ema, run.name
+        start.setdefault(cfg.data.resolution, set()).add(cfg.train.init_from)
+    # one checkpoint per resolution, each an input of its own given on the command line
+    assert all(len(paths) == 1 for paths in start.values()), start
+    paths = [p for paths in start.values() for p in paths]
+    assert len(set(paths)) == len(paths) == len(grid.inputs)
+    assert set(paths) == {str(tmp_path / f"{name}.ckpt") for name in grid.inputs}
+
+
+RESOLUTIONS_GRID = """
+inputs:
+  init_32: ???
+  init_64: ???
+  unused_default: 3
+overrides:
+  train.max_steps: 3
+  train.warmup_steps: "${unused_default}"
+rows:
+  - {label: a, set: {data.resolution: 32, train.init_from: "${init_32}"}}
+  - {label: b, set: {data.resolution: 64, train.init_from: "${init_64}"}}
+  - label: c
+    set:
+      data.resolution: 64
+      train.init_from: ${init_64}
+"""
+
+
+def test_inputs_give_each_resolution_its_own_checkpoint_from_the_command_line(tmp_path, capsys):
+    path = write_grid(tmp_path, RESOLUTIONS_GRID, name="g")
+    grid = load_grid(path, {"init_32": "/ck/32.ckpt", "init_64": "/ck/64.ckpt", "data.path": "/d"})
+    assert grid.inputs == {"init_32": "/ck/32.ckpt", "init_64": "/ck/64.ckpt", "unused_default": 3}
+    assert [r.overrides["train.init_from"] for r in grid.runs] == ["/ck/32.ckpt", "/ck/64.ckpt", "/ck/64.ckpt"]
+    assert grid.runs[0].overrides["train.warmup_steps"] == 3 and "init_32" not in grid.runs[0].overrides
+    assert grid.runs[1].varied == {"data.resolution": 64, "train.init_from": "/ck/64.ckpt"}
+    assert grid.runs[1].inputs == {"train.warmup_steps": "unused_default", "train.init_from": "init_64"}
+    # a key given itself wins over the input, and is no longer the input's
+    run = load_grid(path, {"init_64": "null", "train.init_from": "/x.ckpt"}).runs[1]
+    assert run.overrides["train.init_from"] == "/x.ckpt" and "train.init_from" not in run.inputs
+
+    out = tmp_path / "runs"
+    argv = [str(path), "--out", str(out), "--gpus", "0", "--runner", RUNNER, "data.path=/d"]
+    # an input left at ??? is named as the input, not as the config key it fills
+    assert main_ablate(argv + ["init_32=/ck/32.ckpt"]) == 2
+    err = capsys.readouterr().err
+    assert "init_64=..." in err and "train.init_from" not in err
+    # a dot-less key that no grid of the call declares is refused, not passed to the trainer
+    assert main_ablate(argv + ["init_32=/a", "init_64=/b", "init_128=/c"]) == 2
+    assert "init_128=... is neither a config key" in capsys.readouterr().err
+    assert main_ablate(argv + ["init_32=/ck/32.ckpt", "init_64=null"]) == 0
+    seen = {r.name: json.loads((out / r.name / "seen.json").read_text())["args"] for r in grid.runs}
+    assert [seen[n]["train.init_from"] for n in ("g-a", "g-b", "g-c")] == ["/ck/32.ckpt", "null", "null"]
+    assert all("init_32" not in args and "init_64" not in args for args in seen.values())
+
+    # the table cannot know the command line's inputs: a run's value for them is not a config difference
+    from ablations.table import collect
+
+    (out / "g-a" / "config.yaml").write_text("train: {init_from: /ck/32.ckpt}\ndata: {resolution: 32}\n")
+    (out / "g-b" / "config.yaml").write_text("train: {init_from: null}\ndata: {resolution: 32}\n")
+    status = {r["run"]: r["status"] for r in collect(load_grid(path), out)}
+    assert status["g-a"] == "done" and status["g-b"] == "done; config differs: data.resolution=32"
 
 
 RUNNER_GRID = """

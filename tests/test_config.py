@@ -50,6 +50,25 @@ def test_overrides_apply_in_order_after_the_file(tmp_path):
     assert cfg.data.name == "fashion_mnist"  # untouched default
 
 
+def test_options_belong_to_the_attention_they_were_written_for(tmp_path):
+    """The default's LLSA options do not follow a switch to another attention, from a file or an override;
+    options given beside the name apply on top, wherever they stand in the list; a stored config is whole."""
+    default = OmegaConf.structured(Config).model.attention
+    assert default.name == "llsa" and default.options
+    assert load_config(None, ["model.attention.name=full"]).model.attention.options == {}
+    late_name = load_config(None, ["model.attention.options.topk=4", "model.attention.name=vsa"]).model.attention
+    assert late_name.name == "vsa" and late_name.options == {"topk": 4}
+    # not naming the attention keeps the default's options and changes one
+    assert load_config(None, ["model.attention.options.topk=3"]).model.attention.options == {**default.options,
+                                                                                               "topk": 3}
+    path = tmp_path / "x.yaml"
+    path.write_text("model:\n  attention:\n    name: llsa\n")
+    assert load_config(path).model.attention.options == {}
+    from lightning_modules.config import from_container
+
+    assert from_container({"model": {"attention": {"name": "llsa", "options": {}}}}).model.attention.options == {}
+
+
 @pytest.mark.parametrize("override, words", [
     ("train.max_stepz=3", ["train.max_stepz", "max_steps"]),
     ("foo.bar=1", ["foo", "train"]),
@@ -60,7 +79,7 @@ def test_overrides_apply_in_order_after_the_file(tmp_path):
     ("data.resolution=31", ["data.resolution", "model.patch_size"]),
     ("model.size=DiT-XXL", ["model.size", "DiT-S"]),
     ("data.name=folder", ["data.path"]),
-    ("model.num_classes=10", ["data.class_labels"]),
+    ("model.num_classes=-1", ["model.num_classes", ">= 0"]),
     ("flow.sampler=rk4", ["flow.sampler", "heun"]),
     ("train.ema_decay=1.5", ["train.ema_decay"]),
     ("eval.fid_features=clip", ["eval.fid_features", "fid_helper"]),
@@ -71,6 +90,11 @@ def test_bad_overrides_name_the_key(override, words):
         load_config(None, [override])
     for word in words:
         assert word in str(info.value)
+
+
+def test_classes_need_labels():
+    with pytest.raises(ConfigError, match="data.class_labels"):
+        load_config(None, ["data.class_labels=false", "model.num_classes=10"])
 
 
 def test_bad_key_in_a_file_names_file_and_key(tmp_path):

@@ -12,7 +12,7 @@ from llsa.ops.llsa.interface import hierarchical_topk_triton, llsa_attention_tri
 from llsa.ops.llsa.layout import Layout
 from llsa.ops.llsa.naive import hierarchical_topk, llsa_attention_torch, pool_levels
 from llsa.ops.llsa.pool import pool_qkv
-from llsa.ops.llsa.transpose import transpose_level
+from llsa.ops.common.transpose import transpose_picks
 
 
 @pytest.fixture(autouse=True)
@@ -181,7 +181,7 @@ def test_transposed_lists_invert_the_picks(device):
     for level in (1, 2):
         n, w = lay.sizes[level], lay.widths[level]
         for det in (False, True):
-            rowptr, idx = transpose_level(sel, lay.sel_off[level], n, w, deterministic=det)
+            rowptr, idx = transpose_picks(sel, n, w, lay.sel_off[level], deterministic=det)
             assert (idx >= 0).all(), "unfilled slot in the key-major list"
             for b in range(sel.shape[0]):
                 p = picks[level - 1].flatten(0, 1)[b].cpu()

@@ -9,7 +9,7 @@ from PIL import Image
 
 import run
 from llsa.attention import ATTENTIONS
-from lightning_modules.callbacks import ThroughputMonitor
+from lightning_modules.callbacks import ThroughputMonitor, save_grid
 from lightning_modules.config import load_config
 from lightning_modules.data import ProceduralDataset
 from lightning_modules.module import DiffusionModule, ema_decay_at
@@ -243,3 +243,13 @@ def test_hparams_and_their_metrics_read_back_from_the_event_files(tmp_path):
     assert fid_point.value == pytest.approx(summary["fid"], rel=1e-6)
     assert events.Scalars("hparams/tokens_per_s")[0].value == pytest.approx(
         summary["throughput"]["perf/tokens_per_s"], rel=1e-6)
+
+
+def test_small_samples_are_drawn_as_squares_of_pixels(tmp_path):
+    images = torch.rand(4, 1, 16, 16)
+    grid = save_grid(images, tmp_path / "g.png")
+    # 2x2 cells of 64 pixels (16 x 4) with 1-pixel padding
+    assert grid.shape[-2:] == (131, 131) and Image.open(tmp_path / "g.png").size == (131, 131)
+    cell = grid[0, 1:65, 1:65]
+    assert torch.equal(cell, images[0, 0].repeat_interleave(4, 0).repeat_interleave(4, 1))
+    assert save_grid(torch.rand(4, 3, 64, 64), tmp_path / "h.png").shape[-2:] == (131, 131)

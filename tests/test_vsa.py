@@ -89,7 +89,10 @@ def test_key_major_lists_transpose_the_selection(device):
     flat = idx.reshape(6, 6, 3).cpu()
     for bh in range(6):
         for j in range(6):
-            got = sorted(klist[bh, start[bh, j]:start[bh, j + 1]].tolist())
+            pos = klist[bh, start[bh, j]:start[bh, j + 1]].cpu().long()
+            # flat pick positions: query block pos // K, slot pos % K, which holds j
+            assert (flat[bh].flatten()[pos] == j).all(), (bh, j)
+            got = sorted((pos // 3).tolist())
             assert got == [i for i in range(6) if j in flat[bh, i].tolist()], (bh, j)
 
 

@@ -1,17 +1,18 @@
 """Launchers and autograd Functions around the block-sparse Triton kernels.
 
 ``idx`` is always the query-major selection ``(batch, heads, n_blocks, K)`` of key-block indices (each row
-distinct, any order); the key-major lists for the backward come from ``transpose_blocks``.
+distinct, any order); the key-major lists for the backward come from ``transpose_blocks``, the shared
+``llsa.ops.common.transpose`` applied to block picks.
 """
 import math
 import os
 
 import torch
-import triton
 
-from llsa.ops.blocksparse.kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _count_kernel, _fill_kernel, _fwd_kernel
+from llsa.ops.blocksparse.kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_kernel
 from llsa.ops.blocksparse.validate import kernel_support
 from llsa.ops.common import LOG2E
+from llsa.ops.common.transpose import transpose_picks
 from llsa.ops.poison import poison
 
 
@@ -28,24 +29,17 @@ def check_kernel_inputs(name: str, q: torch.Tensor, block_size: int) -> None:
 
 
 def transpose_blocks(idx: torch.Tensor, n_key_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key-major lists from query-major picks: count (atomic add), exclusive prefix sum, fill.
+    """Key-major lists from query-major picks ``idx`` (batch, heads, n_q, K), n_q == n_key_blocks.
 
-    ``idx`` (batch, heads, n_q, K) int. Returns ``start`` (batch*heads, n_key_blocks + 1) int32 and
-    ``klist`` (batch*heads, n_q * K) int32: the query blocks that picked key block j are
-    ``klist[bh, start[bh, j]:start[bh, j + 1]]``, in arbitrary order.
+    Returns ``start`` (batch*heads, n_key_blocks + 1) int64 and ``klist`` (batch*heads, n_q * K) int32: the
+    picks of key block j are ``klist[bh, start[bh, j]:start[bh, j + 1]]`` as flat positions
+    ``query_block * K + slot``, in arbitrary order.
     """
     b, h, nq, k = idx.shape
-    idx32 = idx.reshape(b * h, nq, k).to(torch.int32).contiguous()
-    counts = torch.zeros(b * h, n_key_blocks, dtype=torch.int32, device=idx.device)
-    kp = triton.next_power_of_2(k)
-    _count_kernel[(nq, b * h)](idx32, counts, nq, n_key_blocks, k, KP=kp)
-    start = torch.zeros(b * h, n_key_blocks + 1, dtype=torch.int32, device=idx.device)
-    start[:, 1:] = torch.cumsum(counts, dim=1)
-    cursor = torch.zeros_like(counts)
-    # every slot is written: the counts add up to n_q * K
-    klist = torch.empty(b * h, nq * k, dtype=torch.int32, device=idx.device)
-    _fill_kernel[(nq, b * h)](idx32, start, cursor, klist, nq, n_key_blocks, k, KP=kp)
-    return start, klist
+    if nq != n_key_blocks:
+        raise ValueError(f"transpose_blocks: self-attention picks need as many query blocks as key blocks, "
+                         f"got {nq} and {n_key_blocks}")
+    return transpose_picks(idx.reshape(b * h, nq * k), n_key_blocks, k)
 
 
 def _dot_precision(dtype: torch.dtype, linear: bool) -> str:

@@ -17,55 +17,28 @@ reference, ``"tf32x3"`` (three TF32 passes, about float32 accuracy on tensor cor
 it has no effect on 16-bit operands.
 
 The backward is split so no two programs write one row: ``dq`` is owned by query blocks (walking the
-query-major lists), ``dk, dv`` by key blocks (walking key-major lists built by ``_count_kernel`` and
-``_fill_kernel``).
+query-major lists), ``dk, dv`` by key blocks (walking the key-major lists of ``transpose_picks``, whose
+entries are flat pick positions ``query_block * n_sel + slot``).
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _count_kernel(IDX, COUNT, NQ, NK, n_sel, KP: tl.constexpr):
-    """COUNT[bh, j] += number of query blocks of row ``bh`` that selected key block j."""
-    i_q, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    o_t = tl.arange(0, KP)
-    m_t = o_t < n_sel
-    # [KP]
-    b_j = tl.load(IDX + (i_bh * NQ + i_q) * n_sel + o_t, mask=m_t, other=0)
-    tl.atomic_add(COUNT + i_bh * NK + b_j, tl.full([KP], 1, tl.int32), mask=m_t)
-
-
-@triton.jit
-def _fill_kernel(IDX, START, CURSOR, KLIST, NQ, NK, n_sel, KP: tl.constexpr):
-    """Write query block ``i_q`` into the key-major list of every key block it selected.
-
-    ``START[bh, j]`` (row stride NK + 1) is the exclusive prefix sum of the counts; the atomic cursor hands
-    out slots, so the order inside one list depends on scheduling (sums over it are then not bitwise
-    reproducible).
-    """
-    i_q, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    o_t = tl.arange(0, KP)
-    m_t = o_t < n_sel
-    # [KP]
-    b_j = tl.load(IDX + (i_bh * NQ + i_q) * n_sel + o_t, mask=m_t, other=0)
-    b_slot = tl.atomic_add(CURSOR + i_bh * NK + b_j, tl.full([KP], 1, tl.int32), mask=m_t)
-    b_start = tl.load(START + i_bh * (NK + 1) + b_j, mask=m_t, other=0)
-    p_out = KLIST + i_bh * NQ * n_sel + (b_start + b_slot).to(tl.int64)
-    tl.store(p_out, tl.full([KP], 0, tl.int32) + i_q, mask=m_t)
-
-
-@triton.jit
-def _gather_rows(LIST, base, t, n_list, N, BS: tl.constexpr, G: tl.constexpr):
+def _gather_rows(LIST, base, t, n_list, N, per, BS: tl.constexpr, G: tl.constexpr, FLAT: tl.constexpr):
     """Rows of the ``G`` blocks ``LIST[base + t : base + t + G]`` as one flat [G * BS] index vector.
 
-    Entries past ``n_list`` and rows past ``N`` are invalid; their index is clamped to row 0 so loads
-    stay in bounds even without a mask.
+    ``FLAT``: the entries are flat pick positions, so the block is ``entry // per``. Entries past
+    ``n_list`` and rows past ``N`` are invalid; their index is clamped to row 0 so loads stay in bounds
+    even without a mask.
     """
     o_n = tl.arange(0, G * BS)
     o_g = t + o_n // BS
     m_g = o_g < n_list
     # [G * BS]: the block id of every gathered row (repeated BS times)
     b_blk = tl.load(LIST + base + o_g, mask=m_g, other=0).to(tl.int64)
+    if FLAT:
+        b_blk = b_blk // per
     o_row = b_blk * BS + o_n % BS
     m_row = m_g & (o_row < N)
     return tl.where(m_row, o_row, 0), m_row
@@ -93,7 +66,7 @@ def _fwd_kernel(Q, K, V, O, O32, LSE, DEN, IDX, N, NQ, n_sel, scale_log2,
     b_l = tl.zeros([BS], dtype=tl.float32)
     idx_base = (i_bh * NQ + i_q) * n_sel
     for t in range(0, n_sel, G):
-        o_n, m_n = _gather_rows(IDX, idx_base, t, n_sel, N, BS, G)
+        o_n, m_n = _gather_rows(IDX, idx_base, t, n_sel, N, 1, BS, G, False)
         # [G * BS, D]
         b_k = tl.load(K + base + o_n[:, None] * D + o_d[None, :], mask=m_n[:, None], other=0.0)
         # [G * BS, D]
@@ -150,7 +123,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, N, NQ, n_sel, scale_log2, s
     b_dq = tl.zeros([BS, D], dtype=tl.float32)
     idx_base = (i_bh * NQ + i_q) * n_sel
     for t in range(0, n_sel, G):
-        o_n, m_n = _gather_rows(IDX, idx_base, t, n_sel, N, BS, G)
+        o_n, m_n = _gather_rows(IDX, idx_base, t, n_sel, N, 1, BS, G, False)
         # [G * BS, D]
         b_k = tl.load(K + base + o_n[:, None] * D + o_d[None, :], mask=m_n[:, None], other=0.0)
         # [G * BS, D]
@@ -191,7 +164,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KSTART, KLIST, N, NQ, NK, 
     n_list = tl.load(KSTART + i_bh * (NK + 1) + i_k + 1) - start
     list_base = i_bh * NQ * n_sel + start
     for t in range(0, n_list, G):
-        o_m, m_m = _gather_rows(KLIST, list_base, t, n_list, N, BS, G)
+        o_m, m_m = _gather_rows(KLIST, list_base, t, n_list, N, n_sel, BS, G, True)
         m_nm = m_n[:, None] & m_m[None, :]
         # [G * BS, D]
         b_q = tl.load(Q + base + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None], other=0.0)

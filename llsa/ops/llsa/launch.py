@@ -17,7 +17,7 @@ from llsa.ops.llsa.fwd import llsa_q_kernel
 from llsa.ops.llsa.layout import Layout
 from llsa.ops.llsa.pool import pool_qkv
 from llsa.ops.llsa.select import select
-from llsa.ops.llsa.transpose import transpose_level
+from llsa.ops.common.transpose import transpose_picks
 from llsa.ops.llsa.tuning import (HEAD_DIMS, INT32_SLAB, even, fused, fused_shape, fused_steps, pick_width,
                                   shared_rows, shared_steps, top_chunks, top_keys, tune)
 from llsa.ops.poison import poison
@@ -223,7 +223,7 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
             q, pkv[0], pkv[1], do, lse, delta, meta, sel, part_k, part_v, n, lay.n_pool, lay.n_sel, n_part, lv,
             n_tiles, qk_scale, B=lay.block, D=d, KPI=kpi, BMQ=t["cand_rows"], REWEIGHT=reweight, PREC=prec,
             num_warps=t["cand_warps"])
-        rowptr, idx = transpose_level(sel, lay.sel_off[lv + 1], lay.sizes[lv + 1], lay.widths[lv + 1],
+        rowptr, idx = transpose_picks(sel, lay.sizes[lv + 1], lay.widths[lv + 1], lay.sel_off[lv + 1],
                                       deterministic)
         llsa_cand_reduce_kernel[(lay.sizes[lv + 1], bh)](part_k, part_v, meta, rowptr, idx, dpk, dpv, lay.n_pool,
                                                          n_part, lv, B=lay.block, D=d)
@@ -238,7 +238,7 @@ def backward_kernels(do, q, k, v, o, lse, pkv, sel, lay: Layout, meta: torch.Ten
             qk_scale, BK=bk, D=d, BMQ=64, REWEIGHT=reweight, PREC=prec, num_warps=t["top_warps"])
         dpk[:, off:off + n_top] += part[0].sum(0)
         dpv[:, off:off + n_top] += part[1].sum(0)
-    rowptr, idx = transpose_level(sel, lay.sel_off[1], lay.sizes[1], lay.widths[1], deterministic)
+    rowptr, idx = transpose_picks(sel, lay.sizes[1], lay.widths[1], lay.sel_off[1], deterministic)
     llsa_kv_kernel[(lay.sizes[1], bh)](q, k, v, do, lse, delta, meta, rowptr, idx, dk, dv, dpk, dpv, n,
                                        lay.n_pool, lay.levels, qk_scale, B=lay.block, D=d, BMQ=t["kv_rows"],
                                        POOLED=lay.shared, REWEIGHT=reweight, PREC=prec,

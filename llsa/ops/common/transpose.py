@@ -1,8 +1,11 @@
-"""Sparse transpose of query-major picks into key-major lists (CSR -> CSC), linear in the number of picks.
+"""The one sparse transpose every op uses: query-major picks into key-major lists (CSR -> CSC), linear in
+the number of picks.
 
-For a level with ``n`` tokens and ``w`` picks each, ``rowptr[bh, u] .. rowptr[bh, u+1]`` delimits, in
-``idx[bh]``, the picks of token ``u``, each as its flat position ``a*w + s`` in the level's pick list (query
-token ``a``, slot ``s``): the kernels need the query (``// w``) and, for the candidate partials, the slot.
+For ``n`` query tokens (or blocks) that pick ``w`` of ``n`` key tokens each, ``rowptr[bh, u] ..
+rowptr[bh, u+1]`` delimits, in ``idx[bh]``, the picks of key ``u``, each as its flat position ``a*w + s``
+in the pick list (query ``a``, slot ``s``): kernels take the query as ``pos // w`` and, where they need
+it (LLSA's candidate partials), the slot.
+
 The default path counts with atomics, prefix-sums and fills through atomic cursors, so the order inside
 one list depends on scheduling; the deterministic path orders each list by query index with a stable sort
 (O(P log P) instead of O(P) for P picks).
@@ -35,9 +38,9 @@ def fill_kernel(SEL, ROWPTR, CURSOR, IDX, n_pick, sel_off, stride_s, n_keys, BLO
     tl.store(IDX + i_bh * n_pick + b_start + b_slot, o_e.to(tl.int32), mask=m_e)
 
 
-def transpose_level(sel: torch.Tensor, sel_off: int, n: int, width: int,
+def transpose_picks(sel: torch.Tensor, n: int, width: int, sel_off: int = 0,
                     deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key-major lists of one level's picks ``sel[:, sel_off : sel_off + n*width]``.
+    """Key-major lists of the picks ``sel[:, sel_off : sel_off + n*width]`` (BH rows, any integer dtype).
 
     Returns ``rowptr`` (BH, n+1) int64 and ``idx`` (BH, n*width) int32 (flat pick positions).
     """
