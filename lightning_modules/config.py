@@ -1,7 +1,7 @@
 """Typed run configuration: dataclass defaults, then a YAML file, then ``key=value`` overrides.
 
 The dataclass defaults below *are* the embedded default run (``python run.py fit``): class-conditional
-Fashion-MNIST at 16x16, a small DiT with two-level LLSA, 600 steps and an FID on 500 samples at the end,
+Fashion-MNIST at 16x16, a small DiT with LLSA, 600 steps and an FID on 500 samples at the end,
 sized so that a fresh clone on a 2-core CPU sets up and finishes in about 10 minutes with recognisable
 garments (docs/results.md). YAML files under ``configs/`` only override fields of this schema.
 """
@@ -39,10 +39,10 @@ class AttentionConfig:
     # keyword options of that attention, checked by llsa.attention.options_for. They belong to the attention
     # they were written for: a YAML file or an override list that names an attention starts from that
     # attention's own defaults, so `model.attention.name=full` does not inherit LLSA's options below.
-    # Blocks of 4 tokens and top-2 give the default's 64 tokens 16 blocks and two levels: selection that
-    # picks 2 of 4 coarse tokens and 2 of 8 candidate blocks (the library's defaults, blocks of 16 and
-    # top-8, would attend every token of so short a sequence).
-    options: Dict[str, Any] = field(default_factory=lambda: {"block_size": 4, "topk": 2})
+    # Top-2: the default's 64 tokens make 4 blocks of 16 (the smallest block the GPU kernels take), and each
+    # query block picks 2 of them, attending 32 pixel tokens and the 4 block means (the library's top-8
+    # would attend every token of so short a sequence).
+    options: Dict[str, Any] = field(default_factory=lambda: {"topk": 2})
 
 
 @dataclass

@@ -38,7 +38,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A finished 2-step DiT-T run with LLSA (its folder is copied by tests that write into it)."""
+    """A finished 2-step run of the default model with LLSA (its folder is copied by tests that write into it)."""
     out = tmp_path_factory.mktemp("runs")
     assert run.main(tiny(out, "base", "train.max_steps=2")) == 0
     return out / "base"
@@ -79,9 +79,9 @@ def test_ckpt_path_last_starts_a_folder_that_has_no_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["model.size=DiT-S"], ["model.size (DiT-T -> DiT-S)"]),
+    (["model.size=DiT-S"], ["model.size (DiT-XXS -> DiT-S)"]),
     (["model.attention.options.topk=1"], ["model.attention.options.topk (2 -> 1)"]),
-    (["train.lr=0.5", "model.reorder=false"], ["train.lr (0.001 -> 0.5)", "model.reorder (True -> False)"]),
+    (["train.lr=0.5", "model.reorder=false"], ["train.lr (0.008 -> 0.5)", "model.reorder (True -> False)"]),
 ])
 def test_a_resume_with_other_settings_is_refused_before_anything_is_written(trained, tmp_path, capsys, overrides,
                                                                             words):
@@ -203,7 +203,8 @@ def test_an_image_that_fails_to_decode_is_named_in_one_line(tmp_path, workers):
 def test_a_decode_error_during_training_is_one_line_and_in_log_txt(tmp_path, capsys):
     images = images_with_a_truncated_one(tmp_path / "images", 4)
     assert run.main(["fit", f"run.out_dir={tmp_path}", "run.name=r", "data.name=folder", f"data.path={images}",
-                     *TINY[1:], "data.batch_size=4", "data.num_workers=1", "train.max_steps=2"]) == 2
+                     *TINY[1:], "data.batch_size=4", "data.num_workers=1", "data.class_labels=false",
+                     "train.max_steps=2"]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert "Traceback" not in err and len(errors) == 1 and errors[0].startswith("error: cannot read image")

@@ -112,7 +112,7 @@ def test_picks_command_writes_a_legible_png(llsa_ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--layer", "7"], ["--layer 7", "0..1"]),
+    (["--layer", "7"], ["--layer 7", "0..3"]),
     (["--head", "9"], ["head 9", "0..3"]),
     (["--query", "8,0"], ["(8, 0)", "8x8"]),
     (["--query", "3"], ["ROW,COL"]),

@@ -26,7 +26,7 @@ def tiny_config(tmp_path, name, attention="full", batch_size=2, **extra):
         f"run.out_dir={tmp_path}", f"run.name={name}", "data.name=procedural", "data.resolution=8",
         f"data.batch_size={batch_size}", "data.num_workers=0", "model.patch_size=1", f"model.attention.name={attention}",
         "train.log_every=1", "train.warmup_perf_steps=0", "eval.fid_samples=0", "eval.grid_size=2",
-        "eval.fid_batch_size=2", "flow.sample_steps=1",
+        "eval.fid_batch_size=2", "flow.sample_steps=1", "data.class_labels=false",
     ]
     overrides += [f"model.attention.options.{k}={v}" for k, v in SMALL_OPTIONS.items() if k in fields]
     overrides += [f"{k}={v}" for k, v in extra.items()]
@@ -39,7 +39,8 @@ def test_fit_runs_with_every_attention(tmp_path, attention):
     run_dir = tmp_path / attention
     assert summary["global_step"] == 2
     assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert Image.open(summary["grid"]).size == (2 * 9 + 1, 9 + 1)  # 2 images of 8 px, 1 px padding
+    # 2 images of 8 px, drawn 64 px wide (save_grid.MIN_CELL), 1 px padding
+    assert Image.open(summary["grid"]).size == (2 * 65 + 1, 65 + 1)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 and "noise_generator" in ckpt
     state = ckpt["state_dict"]
@@ -139,7 +140,7 @@ def test_resume_from_last_continues_exactly(tmp_path, resident):
     last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
     out = tmp_path / "grid.png"
     assert run.main(["sample", str(last), "--out", str(out), "eval.grid_size=4", "flow.sampler=heun"]) == 0
-    assert Image.open(out).size == (2 * 9 + 1, 2 * 9 + 1)
+    assert Image.open(out).size == (2 * 65 + 1, 2 * 65 + 1)
     assert run.main(["fid", str(last), "eval.fid_samples=4", "eval.fid_ref_max=6", "eval.fid_features=tiny"]) == 0
 
 
@@ -216,7 +217,7 @@ def test_class_conditional_fit_takes_the_class_count_from_the_data(tmp_path):
     assert saved.model.num_classes == 4 and saved.data.channels == 3
     module = DiffusionModule(OmegaConf.to_container(saved))
     assert module.model.y_embed.num_embeddings == 5  # 4 classes + the null class
-    assert Image.open(summary["grid"]).size == (2 * 9 + 1, 9 + 1)
+    assert Image.open(summary["grid"]).size == (2 * 65 + 1, 65 + 1)
 
 
 def test_hparams_and_their_metrics_read_back_from_the_event_files(tmp_path):
