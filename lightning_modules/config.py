@@ -2,7 +2,7 @@
 
 The dataclass defaults below *are* the embedded default run (``python run.py fit``): class-conditional
 Fashion-MNIST at 16x16, a small DiT with LLSA, 600 steps and an FID on 500 samples at the end,
-sized so that a fresh clone on a 2-core CPU sets up and finishes in about 10 minutes with recognisable
+sized so that a fresh clone on a 2-core CPU sets up and finishes in about 8 minutes with recognisable
 garments (docs/results.md). YAML files under ``configs/`` only override fields of this schema.
 """
 from dataclasses import dataclass, field
