@@ -73,9 +73,11 @@ def _fmt_seconds(s: float) -> str:
 
 
 def run_grid(grids: Grid | list[Grid], out: str | os.PathLike, *, gpus: str = "auto", pack: int = 1,
-             runner: list[str] | None = None, dry_run: bool = False, echo=print) -> int:
+             runner: list[str] | None = None, dry_run: bool = False, start_until: float | None = None,
+             echo=print) -> int:
     """Train every unfinished run of ``grids`` into ``out``, ``pack`` at once on each GPU; returns 1 if any run
-    failed, else 0."""
+    failed, else 0. ``start_until``: seconds after which no further run starts (those started finish), for a
+    job with a time limit whose runs must end inside it; the summary names the runs left for the next call."""
     grids = [grids] if isinstance(grids, Grid) else list(grids)
     if runner is None:
         # imported here because ablations.checks builds on this module
@@ -119,6 +121,8 @@ def run_grid(grids: Grid | list[Grid], out: str | os.PathLike, *, gpus: str = "a
 
     if pack < 1:
         raise GridError(f"--pack must be >= 1 (runs at once per GPU), got {pack}")
+    if start_until is not None and start_until < 0:
+        raise GridError(f"--start-until must be >= 0 seconds, got {start_until}")
     workers = [gpu for gpu in resolve_gpus(gpus) for _ in range(pack)]
     total = len(all_runs)
     index = {run.name: i + 1 for i, run in enumerate(all_runs)}
@@ -194,8 +198,12 @@ def run_grid(grids: Grid | list[Grid], out: str | os.PathLike, *, gpus: str = "a
 
     stop = threading.Event()
 
+    began = time.monotonic()
+
     def worker(gpu: str | None, finished: threading.Event) -> None:
         while not stop.is_set():
+            if start_until is not None and time.monotonic() - began > start_until:
+                break
             try:
                 run = jobs.get_nowait()
             except queue.Empty:
@@ -232,9 +240,13 @@ def run_grid(grids: Grid | list[Grid], out: str | os.PathLike, *, gpus: str = "a
 
     failed = [name for name, (code, _) in results.items() if code != 0]
     skipped = total - len(todo)
+    waiting = [run.name for run in todo if run.name not in results]
     names = " + ".join(grid.name for grid in grids)
+    later = f", {len(waiting)} not started (--start-until {start_until:g} s had passed)" if waiting else ""
     echo(f"{names}: {total} runs, {skipped} skipped (finished or shared), {len(results) - len(failed)} done, "
-         f"{len(failed)} failed", flush=True)
+         f"{len(failed)} failed{later}", flush=True)
+    if waiting:
+        echo(f"  not started, for the next call: {' '.join(waiting)}")
     for run in all_runs:
         if run.name in failed:
             echo(f"  failed: {run.name} (exit {results[run.name][0]}), log: {out / run.name / LOG}")
@@ -260,6 +272,9 @@ def main_ablate(argv: list[str]) -> int:
                              "`seeds`, else one run per row)")
     parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
                         help="train only the runs whose names match one of these shell patterns, e.g. '*-full-s0'")
+    parser.add_argument("--start-until", type=float, default=None, metavar="SECONDS",
+                        help="start no run after this many seconds (running ones finish): for a job with a time "
+                             "limit, so that every run it starts ends inside it; the rest wait for the next call")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands, train nothing")
     parser.add_argument("--runner", default=None,
                         help="command that trains one run, given [base.yaml] key=value ... "
@@ -283,7 +298,8 @@ def main_ablate(argv: list[str]) -> int:
             raise GridError(f"--only {' '.join(args.only)} matches no run; `--dry-run` lists the run names")
         grids = [grid for grid in grids if grid.runs]
         runner = shlex.split(args.runner) if args.runner else None
-        return run_grid(grids, args.out, gpus=args.gpus, pack=args.pack, runner=runner, dry_run=args.dry_run)
+        return run_grid(grids, args.out, gpus=args.gpus, pack=args.pack, runner=runner, dry_run=args.dry_run,
+                        start_until=args.start_until)
     except GridError as err:
         print(f"run.py ablate: error: {err}", file=sys.stderr)
         return 2

@@ -19,10 +19,12 @@ from ablations.table import main_table, read_scalars
 REPO = Path(__file__).resolve().parents[1]
 GRIDS = sorted((REPO / "configs" / "ablations").glob("*.yaml"))
 
-# Stands in for `run.py fit`: records its call, writes config.yaml, exits with `fake.exit` (default 0).
+# Stands in for `run.py fit`: waits `fake.sleep` seconds, records its call, writes config.yaml, exits with
+# `fake.exit` (default 0).
 FAKE_TRAINER = r"""
-import json, os, sys
+import json, os, sys, time
 args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+time.sleep(float(args.get("fake.sleep", "0")))
 run_dir = os.path.join(args["run.out_dir"], args["run.name"])
 os.makedirs(run_dir, exist_ok=True)
 with open(os.path.join(args["run.out_dir"], "calls.txt"), "a") as f:
@@ -315,6 +317,23 @@ def test_failed_run_is_reported_and_the_rest_go_on_then_finished_runs_are_skippe
     assert json.loads((out / "g-bad" / "seen.json").read_text())["args"]["train.ckpt_path"] == "last"
     assert not list(out.glob("*.prev-*"))
     assert "2 skipped (finished or shared)" in capsys.readouterr().out
+
+
+def test_no_run_starts_after_start_until_and_the_next_call_trains_the_rest(tmp_path, capsys):
+    grid = write_grid(tmp_path, "overrides: {train.max_steps: 3}\naxes: {train.lr: [0.1, 0.2, 0.3]}\n", name="g")
+    out = tmp_path / "runs"
+    argv = [str(grid), "--out", str(out), "--gpus", "0", "--runner", RUNNER]
+    # one run at a time, each 1 s: only the first starts before 0.5 s have passed
+    assert main_ablate(argv + ["fake.sleep=1", "--start-until", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert len(_calls(out)) == 1
+    assert "1 done, 0 failed, 2 not started (--start-until 0.5 s had passed)" in printed
+    assert "not started, for the next call:" in printed
+    (out / "calls.txt").unlink()
+    assert main_ablate(argv + ["fake.sleep=1"]) == 0
+    assert len(_calls(out)) == 2 and "1 skipped (finished or shared), 2 done, 0 failed\n" in capsys.readouterr().out
+    assert main_ablate(argv + ["--start-until", "-1"]) == 2
+    assert "--start-until must be >= 0" in capsys.readouterr().err
 
 
 def test_hand_made_finished_run_is_skipped_and_changed_overrides_rerun(tmp_path):
