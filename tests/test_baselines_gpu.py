@@ -26,7 +26,6 @@ def _attend(method, q, k, v, extra, backend, topk):
     return sla_attention(q, k, v, *extra, block_size=16, topk=topk, backend=backend)
 
 
-
 def check_flash_rule(method, dtype, n, d, scale, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     b, h = 1, 2

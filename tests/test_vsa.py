@@ -80,11 +80,14 @@ def test_float32_selection_matches_stable_sort(topk):
     assert torch.equal(topk_blocks(scores, topk), expected)
 
 
-def test_key_major_lists_transpose_the_selection(device):
+@pytest.mark.parametrize("sliced", [False, True])
+def test_key_major_lists_transpose_the_selection(device, sliced):
+    """``sliced``: the picks are a view of larger picks (rows spaced apart in memory), read in place."""
     gen = torch.Generator().manual_seed(11)
-    scores = torch.randn(2, 3, 6, 6, generator=gen)
+    scores = torch.randn(2, 3, 8 if sliced else 6, 6, generator=gen)
     scores[..., 4] += 5.0
-    idx = topk_blocks(scores, 3).to(device)
+    idx = topk_blocks(scores, 3).to(device)[:, :, :6]
+    assert idx.is_contiguous() != sliced
     start, klist = bs_interface.transpose_blocks(idx, 6)
     flat = idx.reshape(6, 6, 3).cpu()
     for bh in range(6):

@@ -46,6 +46,10 @@ def transpose_picks(sel: torch.Tensor, n: int, width: int, sel_off: int = 0,
     """
     bh = sel.shape[0]
     n_pick = n * width
+    # the kernels walk a row as consecutive elements and step rows by the row stride, so a view whose rows
+    # are spaced apart (a slice of larger picks) is read in place; only a strided last dim needs a copy
+    if sel.stride(1) != 1:
+        sel = sel.contiguous()
     flat = sel[:, sel_off:sel_off + n_pick]
     if deterministic:
         keys, order = torch.sort(flat.long(), dim=1, stable=True)
@@ -54,9 +58,9 @@ def transpose_picks(sel: torch.Tensor, n: int, width: int, sel_off: int = 0,
         return counts.cumsum(1), order.to(torch.int32)
     counts = torch.zeros(bh, n + 1, dtype=torch.int32, device=sel.device)
     grid = (triton.cdiv(n_pick, BLOCK), bh)
-    count_kernel[grid](sel, counts, n_pick, sel_off, sel.shape[1], n, BLOCK=BLOCK)
+    count_kernel[grid](sel, counts, n_pick, sel_off, sel.stride(0), n, BLOCK=BLOCK)
     rowptr = counts.cumsum(1)
     cursor = torch.zeros(bh, n, dtype=torch.int32, device=sel.device)
     idx = torch.full((bh, n_pick), -1, dtype=torch.int32, device=sel.device)
-    fill_kernel[grid](sel, rowptr, cursor, idx, n_pick, sel_off, sel.shape[1], n, BLOCK=BLOCK)
+    fill_kernel[grid](sel, rowptr, cursor, idx, n_pick, sel_off, sel.stride(0), n, BLOCK=BLOCK)
     return rowptr, idx
