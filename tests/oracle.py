@@ -1,4 +1,5 @@
-"""A dense LLSA oracle written straight from the semantics in llsa/ops/llsa/README.md, sharing no code with ``llsa``.
+"""A dense LLSA oracle written straight from the semantics in llsa/ops/llsa/README.md, sharing no code with
+``llsa``.
 
 Everything runs in float64 with plain loops and dense masks: slow, but each step reads like the spec.
 The attention is one dense softmax over the columns [original tokens, level-1 tokens, ..., level-L tokens]
